@@ -1,0 +1,16 @@
+"""Gaussian diffusion of DiT/ADM (DESIGN §4): schedule, loss, respacing, DDPM and DDIM samplers."""
+
+from .gaussian_diffusion import GaussianDiffusion
+from .respace import SpacedDiffusion, create_diffusion, space_timesteps
+from .sampling import sample_images
+from .schedule import NoiseSchedule, linear_betas
+
+__all__ = [
+    "GaussianDiffusion",
+    "NoiseSchedule",
+    "SpacedDiffusion",
+    "create_diffusion",
+    "linear_betas",
+    "sample_images",
+    "space_timesteps",
+]
