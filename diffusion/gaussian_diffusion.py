@@ -81,7 +81,7 @@ class GaussianDiffusion:
         min_log = self._coef("posterior_log_variance_clipped", t, x)
         max_log = self._coef("log_betas", t, x)
         frac = (v + 1) / 2
-        log_variance = frac * min_log + (1 - frac) * max_log
+        log_variance = frac * max_log + (1 - frac) * min_log
         # x̂_0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t), written with the precomputed reciprocals.
         pred_xstart = (self._coef("sqrt_recip_alphas_cumprod", t, x) * x
                        - self._coef("sqrt_recipm1_alphas_cumprod", t, x) * eps)

