@@ -1,0 +1,148 @@
+"""FID-10K of a trained run, with the paper's protocol as defaults (DESIGN §8).
+
+python eval/sample_fid.py --result-dir results/000-DiT-XS-2
+torchrun --nproc_per_node=8 eval/sample_fid.py --result-dir RUN --ref refs/imagenet128.npz
+
+Draws --num-samples labels uniformly over the classes (seeded), splits the images across the processes,
+samples them with the post-hoc EMA (--ema-std, default 0.05), CFG 1.5 and 250 DDPM steps, writes
+RUN/fid/samples-<tag>.npz (key arr_0, uint8 N×H×W×3, the ADM evaluator's format), then computes the FID
+against --ref (a statistics .npz, an images .npz or a folder; "auto" = the run's built-in dataset, whose
+statistics are computed once and cached in RESULTS/refs/). Prints `FID: <value>` last and records it in
+RUN/fid/fid.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+from diffusion.sampling import SAMPLERS
+from eval.fid import FIDError, fid_from_images
+from eval.inception import InceptionWeightsError
+from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
+from runs import RunError, load_run_model
+from sample import generate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--result-dir", required=True)
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--ema-std", type=float, default=0.05)
+    p.add_argument("--step", type=int, default=None, help="snapshot step of the post-hoc EMA (default: last)")
+    p.add_argument("--ckpt", type=int, default=None, metavar="STEP", help="raw weights of a checkpoint instead")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass and process")
+    p.add_argument("--ref", default="auto", help='reference: stats .npz, images .npz or folder, "auto", or "none"')
+    p.add_argument("--out", default=None, help="samples .npz (default RUN/fid/samples-<tag>.npz)")
+    p.add_argument("--inception-weights", default=None)
+    return p
+
+
+def sample_tag(args) -> str:
+    weights = f"ckpt{args.ckpt}" if args.ckpt is not None else f"ema{args.ema_std:g}" + (
+        f"-step{args.step}" if args.step is not None else "")
+    return f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}-seed{args.seed}"
+
+
+def resolve_reference(ref: str, config: dict, results_dir: str) -> str | None:
+    if ref == "none":
+        return None
+    if ref != "auto":
+        if not os.path.exists(ref):
+            raise FIDError(f"reference not found: {ref}")
+        return ref
+    name = config["data"]["name"]
+    if name not in BUILTIN_REFERENCES:
+        raise FIDError(f"no automatic reference for dataset {name!r}; compute one with eval/ref_stats.py "
+                       f"and pass it with --ref")
+    cache = os.path.join(results_dir, "refs", f"{BUILTIN_REFERENCES[name]}-{config['input_size']}.npz")
+    return reference_statistics(name, cache, image_size=config["input_size"])
+
+
+def run(args) -> float | None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.num_samples < 2:
+        raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
+    model, config, what = load_run_model(args.result_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
+                                         step=args.step, device=device)
+    reference = None
+    if rank == 0:  # check the reference before the long sampling, and compute a cached one once
+        reference = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)))
+    fid_dir = os.path.join(args.result_dir, "fid")
+    out = args.out or os.path.join(fid_dir, f"samples-{sample_tag(args)}.npz")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    g = torch.Generator().manual_seed(args.seed)
+    labels = torch.randint(0, config["num_classes"], (args.num_samples,), generator=g)
+    share = -(-args.num_samples // world_size)
+    lo, hi = rank * share, min(args.num_samples, (rank + 1) * share)
+    if rank == 0:
+        print(f"sampling {args.num_samples} images on {world_size} process(es) with {what}, cfg {args.cfg_scale:g}, "
+              f"{args.num_sampling_steps} {args.sampler} steps")
+    start = time.perf_counter()
+    # The seed of each batch depends on its global position, so the images do not depend on the process count.
+    images = generate(model, config, labels[lo:hi].to(device), cfg_scale=args.cfg_scale,
+                      num_steps=args.num_sampling_steps, sampler=args.sampler, seed=args.seed * 7919 + lo,
+                      batch_size=args.batch_size, device=device, progress=rank == 0)
+    part = f"{out}.part{rank}.npy"
+    np.save(part, images)
+    if world_size > 1:
+        dist.barrier()
+    fid = None
+    if rank == 0:
+        parts = [f"{out}.part{r}.npy" for r in range(world_size)]
+        all_images = np.concatenate([np.load(p) for p in parts])
+        tmp = f"{out}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, arr_0=all_images)
+        os.replace(tmp, out)
+        for p in parts:
+            os.remove(p)
+        elapsed = time.perf_counter() - start
+        print(f"wrote {out} ({len(all_images)} images, {len(all_images) / elapsed:.1f} img/s)")
+        if reference is not None:
+            fid = fid_from_images(all_images, reference, inception_weights=args.inception_weights)
+            record = {"fid": fid, "samples": out, "reference": reference, "num_samples": args.num_samples,
+                      "weights": what, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
+                      "num_sampling_steps": args.num_sampling_steps, "seed": args.seed}
+            with open(os.path.join(fid_dir, "fid.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"FID: {fid:.4f}")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return fid
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (RunError, FIDError, InceptionWeightsError, data.DatasetError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Sample images of chosen classes from a trained run and save them as a PNG grid (one row per class).
+
+python sample.py --result-dir results/000-DiT-XS-2 --class-label 0 3 7 --num-samples 8
+python sample.py --result-dir RUN --ckpt 50000 --sampler ddim --num-sampling-steps 50
+
+The model is rebuilt from the run's config.json; its weights are the post-hoc EMA for --ema-std
+(reconstructed from the run's snapshots), or the raw weights of checkpoint --ckpt. Pixel runs are
+denormalised; latent runs are decoded with the VAE recorded in the run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from diffusion import sample_images
+from diffusion.sampling import SAMPLERS
+from runs import RunError, load_run_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--result-dir", required=True, help="run folder written by train.py")
+    p.add_argument("--class-label", type=int, nargs="+", default=None, help="class(es) to sample (default: all)")
+    p.add_argument("--num-samples", type=int, default=8, help="images per class")
+    p.add_argument("--ema-std", type=float, default=0.05, help="σ_rel of the post-hoc EMA")
+    p.add_argument("--step", type=int, default=None, help="snapshot step for the post-hoc EMA (default: last)")
+    p.add_argument("--ckpt", type=int, default=None, metavar="STEP", help="use the raw weights of this checkpoint")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--output", default=None, help="PNG path (default RUN/samples/<weights>-cfg<scale>.png)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p
+
+
+def image_grid(images: np.ndarray, rows: int, min_tile: int = 64, pad: int = 2) -> Image.Image:
+    """uint8 N×H×W×3 → one image, `rows` rows; small images are enlarged (nearest) to at least `min_tile`."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(n / rows)
+    zoom = max(1, math.ceil(min_tile / h))
+    th, tw = h * zoom, w * zoom
+    canvas = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        big = img.repeat(zoom, axis=0).repeat(zoom, axis=1)
+        canvas[pad + r * (th + pad): pad + r * (th + pad) + th, pad + c * (tw + pad): pad + c * (tw + pad) + tw] = big
+    return Image.fromarray(canvas)
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num_steps: int, sampler: str,
+             seed: int, batch_size: int, device, progress: bool = True, vae=None) -> np.ndarray:
+    """Samples for `labels` as uint8 N×H×W×3, in batches; the noise of image i depends only on (seed, i)."""
+    info = config["data"]
+    if info.get("kind") == "latent" and vae is None:
+        vae = data.load_vae(info.get("vae") or data.DEFAULT_VAE, device)
+    shape = (config["in_channels"], config["input_size"], config["input_size"])
+    out = []
+    for start in range(0, len(labels), batch_size):
+        chunk = labels[start: start + batch_size]
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+        z = sample_images(model, chunk, shape, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
+                          generator=g, device=device, progress=progress)
+        out.append(data.to_uint8_images(data.decode_samples(z, info, vae=vae)))
+    return np.concatenate(out)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        if args.num_samples < 1:
+            raise RunError(f"--num-samples must be at least 1, got {args.num_samples}")
+        model, config, what = load_run_model(args.result_dir, ema_std=None if args.ckpt is not None else args.ema_std,
+                                             ckpt_step=args.ckpt, step=args.step, device=device)
+        num_classes = config["num_classes"]
+        classes = args.class_label if args.class_label is not None else list(range(num_classes))
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise RunError(f"class label {bad[0]} is out of range: this run has {num_classes} classes "
+                           f"(0..{num_classes - 1})")
+        labels = torch.tensor(classes, device=device).repeat_interleave(args.num_samples)
+        print(f"sampling {len(labels)} images of classes {classes} with {what}, cfg {args.cfg_scale:g}, "
+              f"{args.num_sampling_steps} {args.sampler} steps, on {device}")
+        images = generate(model, config, labels, cfg_scale=args.cfg_scale, num_steps=args.num_sampling_steps,
+                          sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device)
+        tag = f"ckpt{args.ckpt:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
+        output = args.output or os.path.join(args.result_dir, "samples", f"{tag}-cfg{args.cfg_scale:g}.png")
+        save_png(image_grid(images, rows=len(classes)), output)
+        print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} samples each)")
+    except (RunError, data.DatasetError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
