@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, modulate, mp_sum, normalize
-from mp_layers import project_forced_weights_
+from mp_layers import project_forced_weights_, scaled_weights_for_step
 
 # name: (depth, width, heads)
 MODEL_SIZES = {
@@ -170,6 +170,8 @@ class DiT(nn.Module):
         # The tables and weights that forced weight normalisation keeps at unit-RMS rows.
         self._forced_weights = [m.weight for m in self.modules()
                                 if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
+        # The linear layers whose effective weight is computed in one batched pass per training step.
+        self._scaled_layers = [m for m in self.modules() if isinstance(m, MPLinear) and m.scales_weight]
 
     @torch.no_grad()
     def project_forced_weights_(self) -> None:
@@ -183,6 +185,14 @@ class DiT(nn.Module):
                              f"{self.num_classes} classes (0..{self.num_classes - 1}, {self.num_classes} = null label)")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Training in eager mode: normalise all weights in one batched pass (torch.compile fuses the
+        # per-layer version by itself; evaluation reuses cached weights instead).
+        if self._scaled_layers and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            with scaled_weights_for_step(self._scaled_layers):
+                return self._forward(x, t, y)
+        return self._forward(x, t, y)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"input of shape {tuple(x.shape[1:])} does not match the model's "
                              f"{(self.in_channels, self.input_size, self.input_size)}")
