@@ -3,6 +3,7 @@
 Usage (from the repository root)::
 
     python eval/fid.py A B [--inception-weights PATH] [--batch-size 100] [--device auto] [--save-stats OUT.npz]
+                           [--method sqrtm|eigh] [--no-progress]
 
 A and B are each one of
 
@@ -45,6 +46,7 @@ from eval.inception import (  # noqa: E402
     InceptionWeightsError,
     compute_features,
     load_inception,
+    resolve_device,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -52,6 +54,7 @@ IMAG_ATOL = 1e-3  # largest |imaginary part| on the diagonal of sqrtm(Σ1Σ2) th
 
 __all__ = [
     "FIDError",
+    "InceptionWeightsError",
     "frechet_distance",
     "statistics_from_features",
     "load_images",
@@ -84,15 +87,38 @@ def _max_diag_imag(m: np.ndarray) -> float:
     return float(np.max(np.abs(np.diagonal(m).imag))) if np.iscomplexobj(m) else 0.0
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2})``, computed in float64 with ``scipy.linalg.sqrtm``.
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr (Σ1 Σ2)^{1/2} = Σ sqrt(eig(Σ1^{1/2} Σ2 Σ1^{1/2})): Σ1 Σ2 is similar to that symmetric PSD matrix."""
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    if w.min() < -1e-6 * max(abs(w).max(), 1e-12):
+        raise FIDError(f"sigma1 is not positive semi-definite (smallest eigenvalue {w.min():.3g})")
+    r1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = r1 @ sigma2 @ r1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    if lam.min() < -1e-6 * max(abs(lam).max(), 1e-12):
+        raise FIDError(f"sigma2 is not positive semi-definite (eigenvalue {lam.min():.3g} of S1^1/2 S2 S1^1/2)")
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
 
-    * The matrix square root of a product of PSD matrices has real eigenvalues; round-off gives ``sqrtm`` a tiny
-      imaginary part, which is discarded.
-    * If the product is singular enough that ``sqrtm`` fails — a non-finite result, or a diagonal imaginary part
-      above ``IMAG_ATOL`` (1e-3) — ``eps·I`` is added to *both* covariances and the square root is recomputed
-      (with a warning). If the imaginary part is still large after that, :class:`FIDError` is raised.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2})`` in float64.
+
+    ``method="sqrtm"`` (default; the computation of pytorch-fid and the ADM evaluator) uses ``scipy.linalg.sqrtm``:
+
+    * the square root of a product of PSD matrices has real eigenvalues; round-off gives ``sqrtm`` a tiny
+      imaginary part, which is discarded;
+    * if the product is singular enough that ``sqrtm`` fails — a non-finite result, or a diagonal imaginary part
+      above ``IMAG_ATOL`` (1e-3) — ``eps·I`` is added to *both* covariances inside the square root (the traces
+      ``tr Σ1 + tr Σ2`` stay those of the inputs, as in pytorch-fid) and it is recomputed, with a warning; if the
+      imaginary part is still large after that, :class:`FIDError` is raised.
+
+    ``method="eigh"`` computes the same trace from two symmetric eigendecompositions (``tr (Σ1Σ2)^{1/2}`` = sum of
+    the square roots of the eigenvalues of ``Σ1^{1/2} Σ2 Σ1^{1/2}``; round-off negatives clipped to 0). It is
+    mathematically identical, well defined for singular covariances, and several times faster than ``sqrtm`` on a
+    CPU for 2048×2048 (seconds instead of tens of seconds on a small machine).
     """
+    if method not in ("sqrtm", "eigh"):
+        raise FIDError(f"unknown method {method!r} (use 'sqrtm' or 'eigh')")
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
@@ -107,6 +133,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             raise FIDError(f"{name} contains non-finite values")
 
     diff = mu1 - mu2
+    if method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all() or _max_diag_imag(covmean) > IMAG_ATOL:
         warnings.warn(
@@ -329,6 +358,7 @@ def fid_from_images(
     progress: bool = True,
     inception_weights=None,
     eps: float = 1e-6,
+    method: str = "sqrtm",
 ) -> float:
     """FID between ``images_a`` (uint8 N×H×W×3 array/tensor, or a path) and ``images_b_or_stats`` (the same kinds,
     a ``(mu, sigma)`` tuple, or a dict / npz with ``mu`` and ``sigma``). Two image sets must have the same size."""
@@ -342,7 +372,7 @@ def fid_from_images(
     lazy = _LazyExtractor(extractor, inception_weights, device)
     mu1, s1 = _stats_of(kind_a, a, "A", lazy, batch_size, device, progress)
     mu2, s2 = _stats_of(kind_b, b, "B", lazy, batch_size, device, progress)
-    return frechet_distance(mu1, s1, mu2, s2, eps=eps)
+    return frechet_distance(mu1, s1, mu2, s2, eps=eps, method=method)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=100, help="images per Inception forward (default 100)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)")
     ap.add_argument("--save-stats", default=None, metavar="OUT.npz", help="save A's statistics (mu, sigma) here")
+    ap.add_argument(
+        "--method",
+        choices=("sqrtm", "eigh"),
+        default="sqrtm",
+        help="trace of the matrix square root: scipy sqrtm (default, as pytorch-fid / ADM) or the equivalent, "
+        "faster symmetric eigendecomposition",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -381,6 +418,15 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+        try:
+            dev = resolve_device(args.device)
+        except RuntimeError as e:
+            raise FIDError(f"--device {args.device}: {e}") from e
+        if dev.type == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise FIDError(f"--device {args.device}: CUDA is not available on this machine")
         kind_a, a = load_source(args.a)
         kind_b, b = load_source(args.b)
         if kind_a == "images" and kind_b == "images":
@@ -397,7 +443,7 @@ def main(argv=None) -> int:
             print(f"saved A's statistics (mu, sigma) to {args.save_stats}", flush=True)
         mu2, s2 = _stats_of(kind_b, b, args.b, lazy, args.batch_size, args.device, progress)
         print(_summary("B", args.b, kind_b, b, mu2, s2), flush=True)
-        fid = frechet_distance(mu1, s1, mu2, s2)
+        fid = frechet_distance(mu1, s1, mu2, s2, method=args.method)
     except (FIDError, OSError) as e:  # OSError covers FileNotFoundError, InceptionWeightsError, unreadable images
         print(f"error: {e}", file=sys.stderr)
         return 2
