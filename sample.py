@@ -65,8 +65,10 @@ def save_png(image: Image.Image, path: str) -> None:
 
 @torch.no_grad()
 def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num_steps: int, sampler: str,
-             seed: int, batch_size: int, device, progress: bool = True, vae=None) -> np.ndarray:
-    """Samples for `labels` as uint8 N×H×W×3, in batches; the noise of image i depends only on (seed, i)."""
+             seed: int, batch_size: int, device, progress: bool = True, vae=None, first_index: int = 0) -> np.ndarray:
+    """Samples for `labels` as uint8 N×H×W×3, in batches of `batch_size`. `first_index` is the global position of
+    labels[0] (a process's offset in a sharded run); the noise of a batch depends only on (seed, the global position
+    of its first image, its size), so shards whose offsets are multiples of `batch_size` reproduce one process."""
     info = config["data"]
     if info.get("kind") == "latent" and vae is None:
         vae = data.load_vae(info.get("vae") or data.DEFAULT_VAE, device)
@@ -74,7 +76,7 @@ def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num
     out = []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start: start + batch_size]
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_index + start)
         z = sample_images(model, chunk, shape, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
                           generator=g, device=device, progress=progress)
         out.append(data.to_uint8_images(data.decode_samples(z, info, vae=vae)))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import data
 from diffusion.sampling import SAMPLERS
 from eval.fid import FIDError, fid_from_images
-from eval.inception import InceptionWeightsError
+from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from runs import RunError, load_run_model
 from sample import generate
@@ -59,7 +59,7 @@ def sample_tag(args) -> str:
     return f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}-seed{args.seed}"
 
 
-def resolve_reference(ref: str, config: dict, results_dir: str) -> str | None:
+def resolve_reference(ref: str, config: dict, results_dir: str, inception_weights=None) -> str | None:
     if ref == "none":
         return None
     if ref != "auto":
@@ -70,8 +70,10 @@ def resolve_reference(ref: str, config: dict, results_dir: str) -> str | None:
     if name not in BUILTIN_REFERENCES:
         raise FIDError(f"no automatic reference for dataset {name!r}; compute one with eval/ref_stats.py "
                        f"and pass it with --ref")
-    cache = os.path.join(results_dir, "refs", f"{BUILTIN_REFERENCES[name]}-{config['input_size']}.npz")
-    return reference_statistics(name, cache, image_size=config["input_size"])
+    # Statistics from other Inception weights than the bundled ones are cached under another name.
+    weights_tag = f"-w{sha1_of_file(inception_weights)[:10]}" if inception_weights and os.path.isfile(inception_weights) else ""
+    cache = os.path.join(results_dir, "refs", f"{BUILTIN_REFERENCES[name]}-{config['input_size']}{weights_tag}.npz")
+    return reference_statistics(name, cache, image_size=config["input_size"], inception_weights=inception_weights)
 
 
 def run(args) -> float | None:
@@ -88,7 +90,8 @@ def run(args) -> float | None:
                                          step=args.step, device=device)
     reference = None
     if rank == 0:  # check the reference before the long sampling, and compute a cached one once
-        reference = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)))
+        reference = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),
+                                      inception_weights=args.inception_weights)
     fid_dir = os.path.join(args.result_dir, "fid")
     out = args.out or os.path.join(fid_dir, f"samples-{sample_tag(args)}.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -101,9 +104,10 @@ def run(args) -> float | None:
         print(f"sampling {args.num_samples} images on {world_size} process(es) with {what}, cfg {args.cfg_scale:g}, "
               f"{args.num_sampling_steps} {args.sampler} steps")
     start = time.perf_counter()
-    # The seed of each batch depends on its global position, so the images do not depend on the process count.
+    # The seed of each batch depends on its global position, so the images do not depend on the process count
+    # as long as each process's share is a multiple of --batch-size (e.g. 10,000 = 8 x 5 x 250).
     images = generate(model, config, labels[lo:hi].to(device), cfg_scale=args.cfg_scale,
-                      num_steps=args.num_sampling_steps, sampler=args.sampler, seed=args.seed * 7919 + lo,
+                      num_steps=args.num_sampling_steps, sampler=args.sampler, seed=args.seed, first_index=lo,
                       batch_size=args.batch_size, device=device, progress=rank == 0)
     part = f"{out}.part{rank}.npy"
     np.save(part, images)
@@ -125,6 +129,7 @@ def run(args) -> float | None:
             record = {"fid": fid, "samples": out, "reference": reference, "num_samples": args.num_samples,
                       "weights": what, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
                       "num_sampling_steps": args.num_sampling_steps, "seed": args.seed}
+            os.makedirs(fid_dir, exist_ok=True)  # --out may have put the samples elsewhere
             with open(os.path.join(fid_dir, "fid.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"FID: {fid:.4f}")

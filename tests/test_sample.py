@@ -1,0 +1,388 @@
+"""Tests for sampling from a trained run: post-hoc EMA on real snapshots, sample.py (PNG grid, determinism,
+--ckpt, bad input), eval/sample_fid.py (npz format, label draw, defaults of the FID-10K protocol, FID against a
+statistics file) and runs.load_run_model's errors.
+
+One tiny run (DiT-XS/2, all MP switches, 8 steps at batch 8 on the built-in 1x16x16 digits, EMA snapshots every
+2 steps, checkpoints at 4 and 8) is trained in-process once for the whole module. Sampling uses a few DDIM steps;
+only the FID pipeline test swaps the sampler and the Inception network for cheap stand-ins (the real network's
+2048-d covariance square root alone takes longer than this whole file on a small CPU).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ema  # noqa: E402
+import eval.fid as fid_mod  # noqa: E402
+import eval.sample_fid as sample_fid  # noqa: E402
+import runs  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from eval.fid import fid_from_images, save_statistics  # noqa: E402
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+NUM_STEPS, CKPT_EVERY, SNAP_EVERY = 8, 4, 2  # ~1.5-3 s per step on a loaded 2-core CPU
+SIZE, NUM_CLASSES = 16, 10  # digits: 1x16x16, 10 classes
+
+
+def grid_size(rows, cols, h=SIZE, min_tile=64, pad=2):
+    """(width, height) of sample.image_grid's canvas: tiles enlarged by ceil(min_tile / h), `pad` pixels around."""
+    tile = h * math.ceil(min_tile / h)
+    return cols * (tile + pad) + pad, rows * (tile + pad) + pad
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    rc = train.main(["--data-path", "digits", "--model", "DiT-XS/2", "--use-all-mp", "--lr", "1e-2",
+                     "--num-steps", str(NUM_STEPS), "--batch-size", "8", "--num-workers", "0", "--log-every", "4",
+                     "--ckpt-every", str(CKPT_EVERY), "--ema-snapshot-every", str(SNAP_EVERY),
+                     "--magnitude-every", str(NUM_STEPS), "--results-dir", str(results)])
+    assert rc == 0
+    (name,) = os.listdir(results)
+    run = os.path.join(results, name)
+    assert [s for s, _ in runs.list_checkpoints(run)] == [CKPT_EVERY, NUM_STEPS]
+    assert len(ema.list_snapshots(os.path.join(run, "ema"))) == 2 * NUM_STEPS // SNAP_EVERY
+    return run
+
+
+def tracked_emas(run, step):
+    ckpt = torch.load(os.path.join(run, "checkpoints", f"{step:07d}.pt"), map_location="cpu", weights_only=True)
+    return ckpt["ema"], ckpt["model"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. post-hoc EMA on a real run
+
+
+@pytest.mark.parametrize("step", [NUM_STEPS, CKPT_EVERY])
+def test_posthoc_reproduces_tracked_ema(run_dir, step):
+    """The post-hoc EMA for a tracked σ_rel at a snapshot step is that EMA, up to the snapshots' fp16 rounding."""
+    state, info = ema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.05, step=None if step == NUM_STEPS else step)
+    assert info["step"] == step
+    assert {s[2] for s in info["sources"]} == set(range(SNAP_EVERY, step + 1, SNAP_EVERY))
+    ref = tracked_emas(run_dir, step)[0][0.05]
+    assert state.keys() == ref.keys()
+    worst = 0.0
+    for name, want in ref.items():
+        want = want.float()
+        got = state[name]
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        err = (got - want).abs()
+        # round-to-nearest fp16: |fl(x) - x| <= 2^-11 |x| for normal x, <= 2^-25 in the subnormal range
+        bound = 2.0**-11 * want.abs() + 2.0**-24
+        assert bool((err <= bound * 1.01).all()), f"{name}: worst error / fp16 bound {float((err / bound).max()):.3f}"
+        worst = max(worst, float(err.norm() / want.norm().clamp_min(1e-12)))
+    assert worst < 1e-3  # per tensor, relative (fp16 rounding gives ~3e-4)
+
+
+def test_posthoc_from_other_profile_moves_towards_target(run_dir, tmp_path):
+    """σ_rel 0.05 rebuilt from the 0.10 snapshots alone is closer to the tracked 0.05 EMA than the 0.10 EMA is."""
+    only10 = tmp_path / "only10"
+    only10.mkdir()
+    for path, std, _ in ema.list_snapshots(os.path.join(run_dir, "ema")):
+        if math.isclose(std, 0.10):
+            os.symlink(path, only10 / os.path.basename(path))
+    state, info = ema.reconstruct_ema(only10, 0.05)
+    assert len(info["sources"]) == NUM_STEPS // SNAP_EVERY
+    tracked = tracked_emas(run_dir, NUM_STEPS)[0]
+
+    def dist(a, b):
+        return math.sqrt(sum(float((a[k].float() - b[k].float()).square().sum()) for k in b))
+
+    assert dist(state, tracked[0.05]) < dist(tracked[0.10], tracked[0.05])
+
+
+def test_ema_cli_writes_posthoc_files(run_dir, tmp_path):
+    out = tmp_path / "posthoc"
+    r = subprocess.run([sys.executable, "ema.py", "--result-dir", run_dir, "--ema-std", "0.05", "0.08",
+                        "--out", str(out)], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == [f"posthoc-0.050-{NUM_STEPS:07d}.pt", f"posthoc-0.080-{NUM_STEPS:07d}.pt"]
+    saved = torch.load(out / f"posthoc-0.080-{NUM_STEPS:07d}.pt", weights_only=True)
+    assert saved["std"] == pytest.approx(0.08) and saved["step"] == NUM_STEPS
+    want, _ = ema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.08)
+    for k, v in want.items():
+        assert torch.equal(saved["state"][k], v), k
+    assert "0.080" in r.stdout or "0.08" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. sample.py on the run
+
+
+def test_sample_grid_rows_are_classes_and_deterministic(run_dir, tmp_path, capsys):
+    classes, per_class = ["7", "2"], 3
+    common = ["--result-dir", run_dir, "--class-label", *classes, "--num-samples", str(per_class),
+              "--num-sampling-steps", "5", "--sampler", "ddim", "--seed", "5"]
+    a, b = tmp_path / "a.png", tmp_path / "sub" / "b.png"
+    assert sample.main([*common, "--output", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "post-hoc EMA σ_rel=0.05" in out and "2 rows" in out
+    assert sample.main([*common, "--output", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()  # same seed -> the same file
+
+    img = np.asarray(Image.open(a))
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    w, h = grid_size(rows=len(classes), cols=per_class)
+    assert Image.open(a).size == (w, h) == (200, 134)
+    # white padding between tiles, grayscale tiles (digits have one channel) that are not blank
+    tile = 64
+    assert (img[:2] == 255).all() and (img[:, :2] == 255).all() and (img[2 + tile: 4 + tile] == 255).all()
+    tiles = [img[2 + r * (tile + 2): 2 + r * (tile + 2) + tile, 2 + c * (tile + 2): 2 + c * (tile + 2) + tile]
+             for r in range(len(classes)) for c in range(per_class)]
+    for t in tiles:
+        assert (t[..., 0] == t[..., 1]).all() and (t[..., 0] == t[..., 2]).all()
+        assert (t == t[::4, ::4].repeat(4, 0).repeat(4, 1)).all()  # nearest 4x enlargement of a 16x16 sample
+    assert np.std(np.stack(tiles)) > 0
+    assert not all((t == tiles[0]).all() for t in tiles[1:])  # different noise per image
+
+
+def test_sample_from_checkpoint_default_output(run_dir, capsys):
+    assert sample.main(["--result-dir", run_dir, "--ckpt", str(CKPT_EVERY), "--class-label", "1", "--num-samples", "2",
+                        "--num-sampling-steps", "2", "--sampler", "ddim", "--cfg-scale", "1"]) == 0
+    assert f"raw weights of checkpoint {CKPT_EVERY}" in capsys.readouterr().out
+    path = os.path.join(run_dir, "samples", f"ckpt{CKPT_EVERY:07d}-cfg1.png")
+    assert Image.open(path).size == grid_size(rows=1, cols=2)
+
+
+def test_load_run_model_weights(run_dir):
+    model, config, what = runs.load_run_model(run_dir, ema_std=None, ckpt_step=CKPT_EVERY)
+    assert not model.training and config["num_classes"] == NUM_CLASSES
+    raw = tracked_emas(run_dir, CKPT_EVERY)[1]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw[k]), k
+    model, _, what = runs.load_run_model(run_dir, ema_std=0.05, step=CKPT_EVERY)
+    assert what == f"post-hoc EMA σ_rel=0.05 at step {CKPT_EVERY}"
+
+
+def test_generate_noise_depends_on_global_position(run_dir):
+    """A shard starting at a multiple of the batch size reproduces those images of a single process."""
+    model, config, _ = runs.load_run_model(run_dir, ema_std=None, ckpt_step=NUM_STEPS)
+    labels = torch.tensor([3, 1, 4, 1])
+    kw = dict(cfg_scale=1.0, num_steps=1, sampler="ddpm", seed=42, batch_size=2, device="cpu", progress=False)
+    full = sample.generate(model, config, labels, **kw)
+    shard = sample.generate(model, config, labels[2:], first_index=2, **kw)
+    assert full.shape == (4, SIZE, SIZE, 3) and full.dtype == np.uint8
+    np.testing.assert_array_equal(shard, full[2:])
+    assert not np.array_equal(full[:2], full[2:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. bad input: one "error:" line, exit code 2
+
+
+def test_sample_missing_run_folder_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--result-dir", str(tmp_path / "nope"), "--class-label", "0"],
+                       cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "run folder not found" in one_error_line(r.stderr) and "nope" in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class-label", "0", str(NUM_CLASSES)], f"class label {NUM_CLASSES} is out of range: this run has 10 classes"),
+    (["--class-label", "-1"], "class label -1 is out of range"),
+    (["--ckpt", "7"], f"no checkpoint at step 7 in {{run}} (available: {CKPT_EVERY}, {NUM_STEPS})"),
+    (["--step", "99"], "step 99 is after the last snapshot"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+])
+def test_sample_bad_input(run_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.png"
+    assert sample.main(["--result-dir", run_dir, "--output", str(out), *extra]) == 2
+    captured = capsys.readouterr()
+    assert message.format(run=run_dir) in one_error_line(captured.err)
+    assert not out.exists()
+
+
+def test_sample_not_a_run_folder(tmp_path, capsys):
+    assert sample.main(["--result-dir", str(tmp_path)]) == 2
+    assert "is not a run folder (no config.json)" in one_error_line(capsys.readouterr().err)
+
+
+def test_fid_size_mismatch_is_reported_before_inception(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", arr_0=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "b.npz", arr_0=rng.integers(0, 256, (4, 20, 20, 3), dtype=np.uint8))
+
+    def no_inception(*a, **k):
+        raise AssertionError("Inception must not be loaded before the inputs are checked")
+
+    monkeypatch.setattr(fid_mod, "load_inception", no_inception)
+    # A missing weights file must not matter either: the size check comes first.
+    rc = fid_mod.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights",
+                       str(tmp_path / "missing.pt"), "--no-progress"])
+    assert rc == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert "image sizes differ" in line and "16x16" in line and "20x20" in line
+    assert "FID:" not in captured.out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. eval/sample_fid.py
+
+
+def test_sample_fid_writes_npz(run_dir, capsys):
+    args = ["--result-dir", run_dir, "--num-samples", "8", "--num-sampling-steps", "3", "--sampler", "ddim",
+            "--ref", "none"]
+    assert sample_fid.main(args) == 0
+    out = capsys.readouterr().out
+    assert "FID:" not in out
+    tag = sample_fid.sample_tag(sample_fid.build_parser().parse_args(args))
+    assert tag == "ema0.05-cfg1.5-ddim3-n8-seed42"
+    path = os.path.join(run_dir, "fid", f"samples-{tag}.npz")
+    with np.load(path) as z:
+        assert z.files == ["arr_0"]
+        images = z["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (8, SIZE, SIZE, 3)
+    assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()  # gray -> RGB
+    assert not [f for f in os.listdir(os.path.dirname(path)) if ".part" in f or ".tmp" in f]
+
+
+class FakeSampler:
+    """Stands in for sample.generate: records the labels and returns images that depend on them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, config, labels, **kw):
+        self.calls.append((labels.clone(), kw))
+        rng = np.random.default_rng(int(labels.sum()) + len(labels))
+        return rng.integers(0, 256, (len(labels), SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def fake_run(run_dir, tmp_path, monkeypatch):
+    """A run folder with only config.json; load_run_model and generate are replaced (nothing is sampled)."""
+    run = tmp_path / "000-fake"
+    run.mkdir()
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    (run / "config.json").write_text(json.dumps(config))
+    loads = []
+
+    def fake_load(result_dir, **kw):
+        loads.append(kw)
+        return None, runs.load_run_config(result_dir), "fake weights"
+
+    fake = FakeSampler()
+    monkeypatch.setattr(sample_fid, "load_run_model", fake_load)
+    monkeypatch.setattr(sample_fid, "generate", fake)
+    return run, fake, loads
+
+
+def test_sample_fid_protocol_defaults_and_label_draw(fake_run, tmp_path, capsys):
+    run, fake, loads = fake_run
+    n = 5000
+    assert sample_fid.main(["--result-dir", str(run), "--num-samples", str(n), "--ref", "none",
+                            "--out", str(tmp_path / "a.npz")]) == 0
+    assert sample_fid.main(["--result-dir", str(run), "--num-samples", str(n), "--ref", "none",
+                            "--out", str(tmp_path / "b.npz")]) == 0
+    assert sample_fid.main(["--result-dir", str(run), "--num-samples", str(n), "--ref", "none", "--seed", "43",
+                            "--out", str(tmp_path / "c.npz")]) == 0
+    (la, kw), (lb, _), (lc, _) = fake.calls
+    # DESIGN §8: EMA σ_rel 0.05, CFG 1.5, 250 DDPM steps, seed 42
+    assert (loads[0]["ema_std"], loads[0]["ckpt_step"], loads[0]["step"]) == (0.05, None, None)
+    assert (kw["cfg_scale"], kw["num_steps"], kw["sampler"], kw["seed"], kw["first_index"]) == (1.5, 250, "ddpm", 42, 0)
+    assert torch.equal(la, lb) and not torch.equal(la, lc)  # seeded draw
+    assert la.shape == (n,) and la.dtype == torch.int64
+    counts = torch.bincount(la, minlength=NUM_CLASSES)
+    assert len(counts) == NUM_CLASSES  # all labels in 0..9
+    sd = math.sqrt(n * 0.1 * 0.9)
+    assert (counts - n / NUM_CLASSES).abs().max() < 5 * sd, counts  # uniform
+    with np.load(tmp_path / "a.npz") as za, np.load(tmp_path / "b.npz") as zb:
+        assert za["arr_0"].shape == (n, SIZE, SIZE, 3) and np.array_equal(za["arr_0"], zb["arr_0"])
+    assert "FID:" not in capsys.readouterr().out
+
+
+class _StubInception(torch.nn.Module):
+    """Tiny TorchScript stand-in for the FID Inception (24 features), loaded through --inception-weights."""
+
+    def forward(self, x):
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            raise RuntimeError("expected 299x299 input")
+        p = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+        return torch.cat([p, p * p], dim=1)
+
+
+def test_sample_fid_against_statistics(fake_run, tmp_path, capsys):
+    run, fake, _ = fake_run
+    stub = tmp_path / "stub.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_StubInception()).save(str(stub))
+    feats = np.random.default_rng(1).normal(size=(64, 24))
+    ref = tmp_path / "ref.npz"
+    save_statistics(ref, feats.mean(0), np.cov(feats, rowvar=False))
+    out = tmp_path / "elsewhere" / "s.npz"  # not under RUN/fid: fid.jsonl must still be written there
+    assert sample_fid.main(["--result-dir", str(run), "--num-samples", "8", "--ref", str(ref),
+                            "--inception-weights", str(stub), "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("FID: ")
+    with np.load(out) as z:
+        images = z["arr_0"]
+    want = fid_from_images(images, str(ref), inception_weights=str(stub), device="cpu", progress=False)
+    assert float(last.split()[1]) == pytest.approx(want, abs=1e-4)
+    (record,) = [json.loads(line) for line in open(run / "fid" / "fid.jsonl")]
+    assert record["fid"] == pytest.approx(want) and record["reference"] == str(ref) and record["cfg_scale"] == 1.5
+
+
+def test_sample_fid_auto_reference_uses_given_weights(fake_run, tmp_path, monkeypatch):
+    run, _, _ = fake_run
+    seen = {}
+
+    def fake_reference_statistics(name, out, **kw):
+        seen.update(name=name, out=out, **kw)
+        raise sample_fid.FIDError("stop here")
+
+    monkeypatch.setattr(sample_fid, "reference_statistics", fake_reference_statistics)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not really weights")
+    assert sample_fid.main(["--result-dir", str(run), "--num-samples", "8", "--inception-weights", str(weights)]) == 2
+    assert seen["name"] == "digits" and seen["image_size"] == SIZE and seen["inception_weights"] == str(weights)
+    assert os.path.dirname(seen["out"]) == str(tmp_path / "refs") and seen["out"].endswith(".npz")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ref", "{tmp}/missing.npz"], "reference not found"),
+    (["--num-samples", "1"], "--num-samples must be at least 2"),
+])
+def test_sample_fid_bad_input_before_sampling(fake_run, tmp_path, capsys, extra, message):
+    run, fake, _ = fake_run
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    assert sample_fid.main(["--result-dir", str(run), *extra]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not fake.calls
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. runs.load_run_model errors
+
+
+def test_load_run_model_errors(run_dir, tmp_path):
+    with pytest.raises(runs.RunError, match="run folder not found: .*nope"):
+        runs.load_run_model(str(tmp_path / "nope"))
+    with pytest.raises(runs.RunError, match=r"is not a run folder \(no config.json\); pass a folder made by train.py"):
+        runs.load_run_model(str(tmp_path))
+    with pytest.raises(runs.RunError, match=rf"no checkpoint at step 5 .*available: {CKPT_EVERY}, {NUM_STEPS}"):
+        runs.load_run_model(run_dir, ckpt_step=5)
+    with pytest.raises(ValueError, match="after the last snapshot"):
+        runs.load_run_model(run_dir, ema_std=0.05, step=NUM_STEPS + 1)
+    assert issubclass(runs.RunError, ValueError)
