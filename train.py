@@ -376,6 +376,7 @@ def train(argv=None) -> str:
 
     dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes)
     num_classes = dataset.num_classes
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed only (same on every rank)
     model = build_model(args.model, in_channels=dataset.channels, input_size=dataset.resolution,
                         num_classes=num_classes, mp=mp).to(device)
     ema = PowerEMA(model, stds=tuple(args.ema_stds))
@@ -457,10 +458,12 @@ def train(argv=None) -> str:
         logger.info(f"saved checkpoint {path}")
 
     def check_finite(loss_sum: torch.Tensor):
-        if not torch.isfinite(loss_sum).all():
+        # The weights too: an update can overflow while the loss it came from was finite.
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
+        if not (torch.isfinite(loss_sum).all() and weights_ok):
             last = list_checkpoints(run_dir)
             kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
-            raise TrainingError(f"non-finite loss by step {step}; stopped without saving ({kept}); "
+            raise TrainingError(f"non-finite loss or weights by step {step}; stopped without saving ({kept}); "
                                 f"lower --lr or try --grad-clip / --precision fp32")
 
     raw_model.train()
@@ -497,7 +500,9 @@ def train(argv=None) -> str:
                 elapsed = time.perf_counter() - timer_start
                 steps_per_s = (step - timer_step) / elapsed
                 record = {"step": step, "loss": loss_sum.item() / (loss_count * world_size),
-                          "lr": opt.param_groups[0]["lr"], "steps_per_s": steps_per_s,
+                          # the lr this step used (the scheduler already holds the next step's)
+                          "lr": args.lr * lr_factor(step - 1, args.num_lin_warmup, args.start_decay),
+                          "steps_per_s": steps_per_s,
                           "img_per_s": steps_per_s * args.batch_size, "peak_mem_gib": peak_memory_gib(device)}
                 if rank == 0:
                     logger.info(f"step {step:7d}/{args.num_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "

@@ -1,0 +1,556 @@
+"""Tests for train.py: DDP on CPU (gloo), run folders, kill -9 / SIGTERM and exact resume, bad input,
+the lr schedule and the step-addressed batch sampler.
+
+Everything trains DiT-XS/8 on the built-in digits (1x16x16, 10 classes: 4 tokens, ~15 steps/s on one
+CPU core at batch 8) for a handful of steps.  Real processes are started with subprocess (and killed
+with real signals); the cheap error paths call `train.main` in this process.
+"""
+import json
+import shutil
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+
+MODEL = "DiT-XS/8"
+# A tiny, fast run: no EMA snapshot / magnitude record except where a test asks for one.
+FAST = ["--model", MODEL, "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3", "--log-every", "1",
+        "--ema-snapshot-every", "1000", "--magnitude-every", "1000"]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def run_train(args, timeout=240, **kw):
+    """`python train.py ARGS` in a real process; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def torchrun(script, args, timeout=240):
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def only_run(results_dir):
+    runs = sorted(os.listdir(results_dir))
+    assert len(runs) == 1, runs
+    return os.path.join(results_dir, runs[0])
+
+
+def checkpoint_steps(run_dir):
+    return [s for s, _ in train.list_checkpoints(run_dir)]
+
+
+def load_ckpt(run_dir, step=None):
+    ckpts = dict(train.list_checkpoints(run_dir))
+    step = max(ckpts) if step is None else step
+    return torch.load(ckpts[step], map_location="cpu", weights_only=True)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def assert_states_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def assert_emas_close(a, b, atol=1e-6):
+    assert sorted(map(float, a)) == sorted(map(float, b))
+    bb = {float(k): v for k, v in b.items()}
+    for std, state in a.items():
+        assert_states_close(state, bb[float(std)], atol)
+
+
+def all_finite(state):
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def tree_listing(root):
+    """{relative path: (size, mtime_ns)} of everything under root (folders too)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size if name in files else None, st.st_mtime_ns)
+    return out
+
+
+def wait_for(predicate, proc, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def make_latents(folder, n=24, c=4, size=8, num_classes=3, seed=0):
+    """A latent folder in the reference format (four files)."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    means = torch.randn(n, c, size, size, generator=g)
+    stds = torch.rand(n, c, size, size, generator=g) * 0.5 + 0.1
+    torch.save(means, os.path.join(folder, "posterior_means.pt"))
+    torch.save(stds, os.path.join(folder, "posterior_stds.pt"))
+    torch.save(torch.arange(n) % num_classes, os.path.join(folder, "labels.pt"))
+    torch.save({"mean": means.mean((0, 2, 3)), "std": means.std((0, 2, 3)) + 0.3}, os.path.join(folder, "stats.pt"))
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def _close_train_logger():
+    """In-process runs attach handlers (a log.txt file, the captured stdout) to the "train" logger."""
+    yield
+    logger = train.logging.getLogger("train")
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
+
+
+def main_in_process(argv, capsys):
+    """train.main(argv) here; returns (exit code, stderr lines)."""
+    capsys.readouterr()
+    code = train.main(argv)
+    err = capsys.readouterr().err
+    return code, [ln for ln in err.splitlines() if ln.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. two processes (torchrun, gloo): identical weights on both ranks, complete run folder
+
+# Runs train.train(argv) in this rank and saves what this rank holds at the end: the raw model and its
+# PowerEMA (captured when train() builds the EMA from the raw, un-wrapped model).
+RANK_DUMP_WRAPPER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist
+    import train
+
+    held = {{}}
+
+    class CapturingEMA(train.PowerEMA):
+        def __init__(self, model, *args, **kwargs):
+            super().__init__(model, *args, **kwargs)
+            held["model"], held["ema"] = model, self
+
+    train.PowerEMA = CapturingEMA
+    try:
+        run_dir = train.train(sys.argv[1:])
+        rank = int(os.environ["RANK"])
+        torch.save({{"model": held["model"].state_dict(), "ema": held["ema"].state_dict(), "run_dir": run_dir,
+                    "world_size": dist.get_world_size()}}, os.path.join({out!r}, f"rank{{rank}}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+""")
+
+
+def test_ddp_two_processes_identical_weights_and_complete_run_folder(tmp_path):
+    wrapper = tmp_path / "dump_ranks.py"
+    wrapper.write_text(RANK_DUMP_WRAPPER.format(root=ROOT, out=str(tmp_path)))
+    results = tmp_path / "results"
+    steps = 6
+    args = [*FAST, "--num-workers", "1", "--num-steps", str(steps), "--ckpt-every", "3", "--log-every", "2",
+            "--ema-snapshot-every", "3", "--results-dir", str(results)]
+    p = torchrun(str(wrapper), args)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == r1["world_size"] == 2
+    run_dir = only_run(results)
+    assert r0["run_dir"] == r1["run_dir"] == str(run_dir)
+
+    # Both ranks hold exactly the same weights and EMAs, and the checkpoint holds them too.
+    ckpt = load_ckpt(run_dir)
+    assert ckpt["step"] == steps
+    for r in (r0, r1):
+        assert_states_close(r["model"], ckpt["model"], atol=0)
+        assert_emas_close(r["ema"], ckpt["ema"], atol=0)
+    # ... and training really moved them (the first checkpoint differs from the last).
+    first = load_ckpt(run_dir, 3)
+    assert any(not torch.equal(first["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+
+    # The run folder is complete.
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["model"] == MODEL and config["world_size"] == 2 and config["args"]["batch_size"] == 8
+    assert config["num_classes"] == 10 and config["in_channels"] == 1 and config["input_size"] == 16
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "2 process(es)" in log and f"step       {steps}/{steps}" in log
+    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    magnitudes = read_jsonl(os.path.join(run_dir, "magnitudes.jsonl"))
+    assert magnitudes[-1]["step"] == steps and len(magnitudes[-1]["act_rms"]) == 6  # one per block
+    for m in metrics:
+        assert {"step", "loss", "lr", "img_per_s"} <= m.keys()
+        assert m["loss"] > 0 and m["img_per_s"] > 0 and m["lr"] > 0
+    assert checkpoint_steps(run_dir) == [3, 6]
+    assert set(ckpt) >= {"model", "ema", "opt", "lr_scheduler", "step", "rng", "args"}
+    assert sorted(map(float, ckpt["ema"])) == [0.05, 0.10]
+    assert ckpt["args"]["model"] == MODEL
+    snaps = sorted(os.listdir(os.path.join(run_dir, "ema")))
+    assert snaps == ["ema-0.050-0000003.pt", "ema-0.050-0000006.pt", "ema-0.100-0000003.pt", "ema-0.100-0000006.pt"]
+    snap = torch.load(os.path.join(run_dir, "ema", "ema-0.100-0000006.pt"), weights_only=True)
+    assert snap["std"] == pytest.approx(0.10) and snap["step"] == steps
+    assert_states_close(snap["state"], ckpt["ema"][0.1], atol=1e-2)  # fp16 copy of the tracked EMA
+    assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 0
+    assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if not train.CHECKPOINT_RE.match(f)]
+
+
+def test_batch_not_divisible_by_processes(tmp_path):
+    results = tmp_path / "results"
+    p = torchrun("train.py", [*FAST, "--batch-size", "5", "--num-steps", "2", "--results-dir", str(results)])
+    assert p.returncode != 0
+    assert "error: --batch-size 5 is not divisible by the 2 processes" in p.stderr
+    assert not results.exists() or not os.listdir(results)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. kill -9 and exact resume
+
+
+def test_kill9_and_resume_equals_uninterrupted_run(tmp_path):
+    steps, every = 12, 4
+    common = [*FAST, "--num-steps", str(steps), "--ckpt-every", str(every), "--ema-snapshot-every", "4"]
+
+    res_a = tmp_path / "a"
+    p = run_train([*common, "--results-dir", str(res_a)])
+    assert p.returncode == 0, p.stderr
+    run_a = only_run(res_a)
+
+    # Run B: the same command, killed with SIGKILL right after its first checkpoint appears.
+    res_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "--results-dir", str(res_b)], cwd=ROOT,
+                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = lambda: os.path.isdir(res_b) and any(  # noqa: E731
+        os.path.isfile(os.path.join(res_b, r, "checkpoints", f"{every:07d}.pt")) for r in os.listdir(res_b))
+    try:
+        wait_for(first, proc, 120, "the first checkpoint")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    run_b = only_run(res_b)
+    killed_at = checkpoint_steps(run_b)
+    assert killed_at and max(killed_at) < steps, f"run B was not interrupted ({killed_at})"
+
+    # A kill during a checkpoint write leaves a temporary file: it must not disturb resuming.
+    for junk in ("0000999.pt.tmp-123", ".0000999.pt.abc123.tmp"):
+        with open(os.path.join(run_b, "checkpoints", junk), "wb") as f:
+            f.write(b"partial")
+
+    p = run_train(["--resume", run_b])
+    assert p.returncode == 0, p.stderr
+    assert f"from step {max(killed_at)}" in p.stdout
+
+    a, b = load_ckpt(run_a), load_ckpt(run_b)
+    assert a["step"] == b["step"] == steps
+    assert_states_close(b["model"], a["model"])
+    assert_emas_close(b["ema"], a["ema"])
+    snaps = sorted(os.listdir(os.path.join(run_a, "ema")))
+    assert snaps == sorted(os.listdir(os.path.join(run_b, "ema"))) and len(snaps) == 2 * steps // every
+    for name in snaps:
+        sa, sb = (torch.load(os.path.join(r, "ema", name), weights_only=True) for r in (run_a, run_b))
+        assert_states_close(sb["state"], sa["state"], atol=1e-3)  # fp16 copies
+    # Same losses at every step, each step recorded once (records written after the kill were dropped).
+    ma, mb = read_jsonl(os.path.join(run_a, "metrics.jsonl")), read_jsonl(os.path.join(run_b, "metrics.jsonl"))
+    assert [m["step"] for m in mb] == list(range(1, steps + 1))
+    assert [m["loss"] for m in mb] == pytest.approx([m["loss"] for m in ma], rel=1e-5)
+    assert [m["lr"] for m in mb] == pytest.approx([m["lr"] for m in ma])
+    # The logged lr is the one each step used: defaults W = 12//150 = 0 and D = 12//10 = 1.
+    assert [m["lr"] for m in ma] == pytest.approx([1e-3 * design_lr(s - 1, 0, 1) for s in range(1, steps + 1)])
+
+    # A resume with a larger --num-steps continues the same run.
+    p = run_train(["--resume", run_b, "--num-steps", str(steps + 3)])
+    assert p.returncode == 0, p.stderr
+    c = load_ckpt(run_b)
+    assert c["step"] == steps + 3 and checkpoint_steps(run_b)[-1] == steps + 3
+    assert any(not torch.equal(c["model"][k], b["model"][k]) for k in c["model"])
+    assert [m["step"] for m in read_jsonl(os.path.join(run_b, "metrics.jsonl"))] == list(range(1, steps + 4))
+    assert json.load(open(os.path.join(run_b, "config.json")))["args"]["num_steps"] == steps  # config unchanged
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. SIGTERM / SIGINT: checkpoint, clean exit, resume
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_checkpoint_and_resume_continues(tmp_path, sig):
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--num-steps", "100000", "--ckpt-every", "100000",
+                             "--results-dir", str(results)], cwd=ROOT, env=SUBPROCESS_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = lambda: [os.path.join(results, r, "metrics.jsonl") for r in (os.listdir(results)  # noqa: E731
+                                                                          if results.exists() else [])]
+    started = lambda: any(os.path.isfile(m) and len(read_jsonl(m)) >= 2 for m in metrics())  # noqa: E731
+    try:
+        wait_for(started, proc, 120, "two logged steps")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    run_dir = only_run(results)
+    [stopped] = checkpoint_steps(run_dir)
+    assert 2 <= stopped < 100000
+    assert f"stopped by signal {int(sig)} at step {stopped}" in out
+    assert load_ckpt(run_dir)["step"] == stopped
+    # Warm-up of 100000 // 150 = 666 steps: step s used lr 1e-3 * s / 666.
+    lrs = [m["lr"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
+    assert lrs == pytest.approx([1e-3 * s / 666 for s in range(1, stopped + 1)])
+
+    if sig == signal.SIGTERM:
+        p = run_train(["--resume", run_dir, "--num-steps", str(stopped + 2)])
+        assert p.returncode == 0, p.stderr
+        assert checkpoint_steps(run_dir) == [stopped, stopped + 2]
+        steps = [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
+        assert steps == list(range(1, stopped + 3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. bad input: one "error:" line, non-zero exit, no new run folder, existing runs untouched
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    """A results folder holding one finished run (3 steps, one checkpoint) and a tiny latent folder."""
+    base = tmp_path_factory.mktemp("bad_input")
+    results = base / "results"
+    assert train.main([*FAST, "--num-steps", "3", "--ckpt-every", "3", "--results-dir", str(results)]) == 0
+    return {"results": results, "run": only_run(results), "base": base}
+
+
+def test_bad_input_subprocess_one_line_exit_code(existing, tmp_path):
+    before = tree_listing(existing["results"])
+    p = run_train([*FAST, "--num-steps", "2", "--data-path", str(tmp_path / "nope"),
+                   "--results-dir", str(existing["results"])])
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data path not found"), p.stderr
+    assert tree_listing(existing["results"]) == before
+
+
+def _bad_data_cases(tmp):
+    cases = {"missing data path": (str(tmp / "does-not-exist"), [], "not found")}
+    empty = tmp / "empty"
+    empty.mkdir()
+    cases["empty data folder"] = (str(empty), [], "empty")
+    missing = make_latents(tmp / "missing")
+    os.remove(os.path.join(missing, "posterior_stds.pt"))
+    cases["latent folder missing a file"] = (missing, [], "posterior_stds.pt")
+    short = make_latents(tmp / "short")
+    torch.save(torch.zeros(23, dtype=torch.long), os.path.join(short, "labels.pt"))
+    cases["mismatched lengths"] = (short, [], "mismatched lengths")
+    labels = make_latents(tmp / "labels", num_classes=3)
+    cases["labels >= --num-classes"] = (labels, ["--num-classes", "2"], "label 2 >= num_classes=2")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["missing data path", "empty data folder", "latent folder missing a file",
+                                  "mismatched lengths", "labels >= --num-classes"])
+def test_bad_data(existing, tmp_path, capsys, case):
+    data_path, extra, message = _bad_data_cases(tmp_path)[case]
+    before = tree_listing(existing["results"])
+    code, err = main_in_process([*FAST, "--num-steps", "2", "--data-path", data_path, *extra,
+                                 "--results-dir", str(existing["results"])], capsys)
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert tree_listing(existing["results"]) == before
+
+
+def test_latent_folder_trains_and_workers_do_not_change_results(tmp_path):
+    """The same latent run (fresh posterior samples per item) with 0 and 1 loader workers."""
+    latents = make_latents(tmp_path / "latents")
+    finals = []
+    for workers in ("0", "1"):
+        results = tmp_path / f"w{workers}"
+        assert train.main([*FAST, "--data-path", latents, "--num-steps", "3", "--ckpt-every", "3",
+                           "--num-workers", workers, "--results-dir", str(results)]) == 0
+        finals.append(load_ckpt(only_run(results)))
+    assert_states_close(finals[0]["model"], finals[1]["model"])
+    config = json.load(open(os.path.join(only_run(tmp_path / "w0"), "config.json")))
+    assert config["in_channels"] == 4 and config["input_size"] == 8 and config["num_classes"] == 3
+
+
+def test_resume_without_checkpoint(existing, capsys):
+    results = existing["results"]
+    no_ckpt = os.path.join(results, "099-no-checkpoint")
+    os.makedirs(no_ckpt)
+    with open(os.path.join(existing["run"], "config.json")) as f, open(os.path.join(no_ckpt, "config.json"), "w") as g:
+        g.write(f.read())
+    try:
+        before = tree_listing(results)
+        code, err = main_in_process(["--resume", no_ckpt], capsys)
+        assert code != 0 and len(err) == 1 and err[0].startswith("error:") and "no checkpoint" in err[0], err
+        code, err = main_in_process(["--resume", os.path.join(results, "does-not-exist")], capsys)
+        assert code != 0 and len(err) == 1 and err[0].startswith("error:"), err
+        assert tree_listing(results) == before
+    finally:
+        shutil.rmtree(no_ckpt)
+
+
+@pytest.mark.parametrize("flag", [["--model", "DiT-S/8"], ["--batch-size", "16"], ["--use-all-mp"]])
+def test_resume_with_different_run_options(existing, capsys, flag):
+    before = tree_listing(existing["results"])
+    code, err = main_in_process(["--resume", existing["run"], *flag], capsys)
+    assert code != 0 and len(err) == 1 and err[0].startswith("error:"), err
+    assert (flag[0] if flag[0] != "--use-all-mp" else "MP switches") in err[0]
+    assert tree_listing(existing["results"]) == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    results = tmp_path / "results"
+    # No MP switches and lr 1e30: step 1 is fine, its update makes the weights ~1e30 and step 2's loss inf/NaN.
+    code, err = main_in_process([*FAST, "--lr", "1e30", "--num-steps", "4", "--ckpt-every", "1",
+                                 "--results-dir", str(results)], capsys)
+    assert code != 0 and len(err) == 1 and err[0].startswith("error: non-finite"), err
+    run_dir = only_run(results)
+    assert checkpoint_steps(run_dir) == [1]
+    ckpt = load_ckpt(run_dir)
+    assert all_finite(ckpt["model"]) and all(all_finite(s) for s in ckpt["ema"].values())
+    assert max(v.abs().max().item() for v in ckpt["model"].values()) > 1e25  # the step really blew up
+    assert [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] == [1]
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys, monkeypatch):
+    """An update can make the weights non-finite while the loss it came from was finite (e.g. overflowing
+    gradients): the checkpoint and EMA snapshots of that step must not be written."""
+    original = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def step_then_poison(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_poison)
+    results = tmp_path / "results"
+    code, err = main_in_process([*FAST, "--num-steps", "4", "--ckpt-every", "1", "--ema-snapshot-every", "1",
+                                 "--results-dir", str(results)], capsys)
+    assert code != 0 and len(err) == 1 and err[0].startswith("error: non-finite"), err
+    run_dir = only_run(results)
+    assert checkpoint_steps(run_dir) == [1]
+    assert sorted(os.listdir(os.path.join(run_dir, "ema"))) == ["ema-0.050-0000001.pt", "ema-0.100-0000001.pt"]
+
+
+def test_seed_fixes_the_initial_weights(tmp_path, monkeypatch):
+    """The initial weights depend on --seed only (else two identical commands train different models)."""
+    class Built(Exception):
+        pass
+
+    class CapturingEMA(train.PowerEMA):  # train() builds the EMA right after the model: stop there
+        def __init__(self, model, *args, **kwargs):
+            raise Built({k: v.clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(train, "PowerEMA", CapturingEMA)
+    states = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        torch.manual_seed(int(name.encode()[0]))  # whatever the global RNG held before
+        with pytest.raises(Built) as e:
+            train.train([*FAST, "--seed", seed, "--num-steps", "2", "--results-dir", str(tmp_path)])
+        states[name] = e.value.args[0]
+    assert_states_close(states["a"], states["b"], atol=0)
+    assert not torch.equal(states["a"]["x_embedder.weight"], states["c"]["x_embedder.weight"])
+    assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. lr schedule
+
+
+def design_lr(s, W, D):
+    """DESIGN §6, as a multiple of the base lr."""
+    if s + 1 < W:
+        return (s + 1) / W
+    if D > 0 and s >= D:
+        return 1 / (s / D) ** 0.5
+    return 1.0
+
+
+@pytest.mark.parametrize("W,D", [(10, 100), (1, 1), (0, 50), (20, 0), (0, 0), (100, 10)])
+def test_lr_factor_matches_design(W, D):
+    for s in [0, 1, 4, 8, 9, 10, 11, 49, 50, 51, 99, 100, 101, 400, 10_000]:
+        assert train.lr_factor(s, W, D) == pytest.approx(design_lr(s, W, D), rel=1e-12), s
+    assert train.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert train.lr_factor(400, 10, 100) == pytest.approx(0.5)
+
+
+def test_lr_defaults_and_logged_schedule(tmp_path):
+    args = train.fill_defaults(train.build_parser().parse_args(["--num-steps", "1500"]))
+    assert (args.num_lin_warmup, args.start_decay) == (10, 150)
+    # W = 0 and D = 0 train without error; the logged lr then stays the base lr.
+    results = tmp_path / "results"
+    assert train.main([*FAST, "--num-steps", "3", "--ckpt-every", "3", "--num-lin-warmup", "0", "--start-decay", "0",
+                       "--results-dir", str(results)]) == 0
+    assert [m["lr"] for m in read_jsonl(os.path.join(only_run(results), "metrics.jsonl"))] == [1e-3] * 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. StepBatchSampler
+
+
+@pytest.mark.parametrize("n,batch", [(23, 8), (16, 4), (5, 8)])
+def test_step_sampler_batch_of_a_step_does_not_depend_on_where_it_started(n, batch):
+    full = train.StepBatchSampler(n, batch, rank=0, world_size=1, seed=3, start_step=0)
+    it = iter(full)
+    from_zero = [next(it) for _ in range(12)]
+    for s in (0, 1, 5, 11):
+        assert next(iter(train.StepBatchSampler(n, batch, 0, 1, seed=3, start_step=s))) == from_zero[s]
+    # Each epoch is a permutation of the items.
+    stream = [i for b in from_zero for i, _ in b]
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    # Different seeds give different orders; per-item seeds differ between items.
+    other = next(iter(train.StepBatchSampler(n, batch, 0, 1, seed=4, start_step=0)))
+    assert other != from_zero[0]
+    assert len({seed for b in from_zero for _, seed in b}) == len(stream)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_step_sampler_ranks_get_disjoint_slices_of_the_global_batch(world_size):
+    n, batch = 37, 8
+    for start in (0, 3, 9):
+        global_batches = iter(train.StepBatchSampler(n, batch, 0, 1, seed=0, start_step=start))
+        ranks = [iter(train.StepBatchSampler(n, batch, r, world_size, seed=0, start_step=start))
+                 for r in range(world_size)]
+        for _ in range(6):
+            g = next(global_batches)
+            parts = [next(it) for it in ranks]
+            assert all(len(p) == batch // world_size for p in parts)
+            assert sum(parts, []) == g  # rank r gets slice r: together exactly the global batch, no overlap
