@@ -31,8 +31,8 @@ from diffusion import create_diffusion
 from ema import PowerEMA, atomic_torch_save
 from models import MODEL_NAMES, build_model
 from mp_layers import MPConfig
+from runs import RunError, list_checkpoints, load_run_config
 
-CHECKPOINT_RE = re.compile(r"^(\d{7})\.pt$")
 # Options that define what a run is; on --resume they come from the run and may not be changed.
 RUN_DEFINING = ["model", "data_path", "image_size", "num_classes", "batch_size", "lr", "seed", "num_lin_warmup",
                 "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.switch_names(), "use_all_mp"]
@@ -232,22 +232,6 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    folder = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), os.path.join(folder, f)) for f in os.listdir(folder) if (m := CHECKPOINT_RE.match(f))]
-    return sorted(found)
-
-
-def load_run_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise TrainingError(f"{run_dir} is not a run folder (no config.json); pass a folder made by train.py")
-    with open(path) as f:
-        return json.load(f)
-
-
 def truncate_jsonl(path: str, last_step: int) -> None:
     """Drop records after `last_step` (written after the checkpoint we resume from)."""
     if not os.path.isfile(path):
@@ -342,7 +326,10 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     run_dir = args.resume
     if not os.path.isdir(run_dir):
         raise TrainingError(f"--resume folder not found: {run_dir}")
-    config = load_run_config(run_dir)
+    try:
+        config = load_run_config(run_dir)
+    except RunError as e:
+        raise TrainingError(str(e)) from e
     if not list_checkpoints(run_dir):
         raise TrainingError(f"{run_dir} has no checkpoint to resume from (checkpoints/NNNNNNN.pt); "
                             f"start a new run instead")
