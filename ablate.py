@@ -97,6 +97,20 @@ def train_rung(args, index: int, lr: float) -> str:
     return find_run(results_dir)
 
 
+def reference_for(args, run: str) -> str:
+    """The FID reference: --ref as given, or (auto) the built-in dataset's statistics computed once for the
+    whole ablation in OUT_DIR/refs/."""
+    if args.ref != "auto":
+        return args.ref
+    from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
+    config = load_run_config(run)
+    name = config["data"]["name"]
+    if name not in BUILTIN_REFERENCES:
+        raise SystemExit(f"error: no automatic FID reference for {name!r}; pass --ref (see eval/ref_stats.py)")
+    path = os.path.join(args.out_dir, "refs", f"{BUILTIN_REFERENCES[name]}-{config['input_size']}.npz")
+    return reference_statistics(name, path, image_size=config["input_size"])
+
+
 def fid_of(args, run: str) -> float:
     """FID of a run with the ablation's sampling budget (reused when already computed)."""
     record_matches = lambda r: (r.get("num_samples") == args.fid_samples and r.get("sampler") == args.sampler
@@ -105,7 +119,7 @@ def fid_of(args, run: str) -> float:
     if not done:
         fid_args = ["--result-dir", run, "--num-samples", str(args.fid_samples), "--num-sampling-steps",
                     str(args.fid_steps), "--sampler", args.sampler, "--cfg-scale", str(args.cfg_scale),
-                    "--ref", args.ref]
+                    "--ref", reference_for(args, run)]
         subprocess.run(command(args, "eval/sample_fid.py", fid_args), check=True, cwd=REPO)
         done = [r for r in read_jsonl(os.path.join(run, "fid", "fid.jsonl")) if record_matches(r)]
     return float(done[-1]["fid"])

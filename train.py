@@ -360,6 +360,10 @@ def train(argv=None) -> str:
     check_args(args, world_size)
     mp = MPConfig.from_args(args) if resumed_config is None else MPConfig.from_dict(resumed_config["mp"])
     autocast = configure_precision(args.precision, device)
+    if device.type == "cpu":
+        # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
+        # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
+        torch.set_flush_denormal(True)
 
     dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes)
     num_classes = dataset.num_classes
