@@ -88,12 +88,37 @@ def plot_magnitudes(run_dirs: list[str], out: str) -> str:
     return out
 
 
+def plot_loss_curves(metrics_files: list[str], labels: list[str], out: str) -> str:
+    """Loss curves of several metrics.jsonl files in one picture (e.g. fp32 vs bf16)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for path, label in zip(metrics_files, labels):
+        records = read_jsonl(path)
+        if not records:
+            raise FileNotFoundError(f"no records in {path}")
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mse + vb)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by train.py")
+    p.add_argument("runs", nargs="*", help="run folders written by train.py")
     p.add_argument("--out", default="magnitudes.png")
+    p.add_argument("--loss-curves", nargs="+", metavar="METRICS_JSONL",
+                   help="instead: plot the loss of these metrics.jsonl files together (label = file name)")
     args = p.parse_args(argv)
     try:
+        if args.loss_curves:
+            labels = [os.path.splitext(os.path.basename(f))[0] for f in args.loss_curves]
+            print(f"wrote {plot_loss_curves(args.loss_curves, labels, args.out)}")
+            return 0
+        if not args.runs:
+            raise FileNotFoundError("give run folders, or --loss-curves files")
         for run in args.runs:
             if not os.path.isdir(run):
                 raise FileNotFoundError(f"run folder not found: {run}")
