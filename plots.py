@@ -36,7 +36,7 @@ def run_label(run_dir: str) -> str:
             config = json.load(f)
         on = [k for k, v in config["mp"].items() if v]
         mp = "all eight MP switches" if len(on) == 8 else (", ".join(k.removeprefix("use_") for k in on) or "no MP")
-        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}"
+        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}, lr {config['args']['lr']:g}"
     except (OSError, KeyError, ValueError):
         return os.path.basename(os.path.normpath(run_dir))
 
@@ -58,7 +58,8 @@ def plot_loss(run_dir: str, out: str | None = None) -> str | None:
 
 
 def plot_magnitudes(run_dirs: list[str], out: str) -> str:
-    """One column per run: activation RMS leaving each block (top), weight RMS per block (bottom)."""
+    """One column per run: activation RMS leaving each block (top), and the RMS of each block's weights
+    relative to its first record (bottom: 1 = unchanged, so plain and normalised weights compare)."""
     runs = [(d, read_jsonl(os.path.join(d, "magnitudes.jsonl"))) for d in run_dirs]
     missing = [d for d, records in runs if not records]
     if missing:
@@ -68,12 +69,14 @@ def plot_magnitudes(run_dirs: list[str], out: str) -> str:
         steps = [r["step"] for r in records]
         depth = len(records[0]["act_rms"])
         colors = plt.cm.viridis([i / max(1, depth - 1) for i in range(depth)])
-        for key, row, ylabel in (("act_rms", 0, "activation RMS leaving block"), ("weight_rms", 1, "weight RMS of block")):
+        for key, row, ylabel in (("act_rms", 0, "activation RMS leaving block"),
+                                 ("weight_rms", 1, "weight RMS of block / at first record")):
             ax = axes[row, col]
             for b in range(depth):
-                ax.plot(steps, [r[key][b] for r in records], color=colors[b], lw=1.2, label=f"block {b + 1}")
+                first = records[0][key][b] if row == 1 else 1.0
+                ax.plot(steps, [r[key][b] / first for r in records], color=colors[b], lw=1.2, label=f"block {b + 1}")
             ax.set_ylabel(ylabel)
-            ax.set_yscale("log")
+            ax.set_yscale("log" if row == 0 else "linear")
             ax.grid(alpha=0.3)
         axes[0, col].set_title(run_label(run_dir), fontsize=9)
         axes[1, col].set_xlabel("step")
