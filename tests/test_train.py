@@ -21,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import runs  # noqa: E402
 import train  # noqa: E402
 
 MODEL = "DiT-XS/8"
@@ -224,7 +225,7 @@ def test_ddp_two_processes_identical_weights_and_complete_run_folder(tmp_path):
     assert snap["std"] == pytest.approx(0.10) and snap["step"] == steps
     assert_states_close(snap["state"], ckpt["ema"][0.1], atol=1e-2)  # fp16 copy of the tracked EMA
     assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 0
-    assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if not train.CHECKPOINT_RE.match(f)]
+    assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if not runs.CHECKPOINT_RE.match(f)]
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
