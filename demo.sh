@@ -12,9 +12,9 @@ start=$(date +%s)
 "$PY" train.py --results-dir "$OUT" --model DiT-XS/2 --use-all-mp --lr 1e-2 --num-steps "$STEPS" --batch-size 32 \
   --num-workers 1 --log-every 50 --ckpt-every 500 --ema-snapshot-every 20 --magnitude-every 20
 RUN=$(ls -d "$OUT"/*-DiT-XS-2 | sort | tail -n 1)
-"$PY" sample.py --result-dir "$RUN" --num-samples 10 --num-sampling-steps 100 --output "$RUN/samples/grid.png"
-"$PY" eval/sample_fid.py --result-dir "$RUN" --num-samples 500 --num-sampling-steps 50 --sampler ddim \
-  --batch-size 500
+"$PY" sample.py --result-dir "$RUN" --num-samples 10 --num-sampling-steps 50 --output "$RUN/samples/grid.png"
+"$PY" eval/sample_fid.py --result-dir "$RUN" --num-samples 400 --num-sampling-steps 25 --sampler ddim \
+  --batch-size 400
 
 echo
 echo "demo done in $(( $(date +%s) - start )) s. Pictures:"
