@@ -290,10 +290,11 @@ def make_probe(dataset, diffusion, device, num_classes: int, size: int = 16):
     g = torch.Generator().manual_seed(1234)
     idx = torch.randperm(len(dataset), generator=g)[:size]
     torch.manual_seed(4321)
-    x0 = torch.stack([dataset[int(i)][0] for i in idx])
+    items = [dataset[int(i)] for i in idx]  # one read per item (latent sets draw a fresh sample per read)
+    x0 = torch.stack([item[0] for item in items])
     t = torch.linspace(0, 999, len(idx)).long()
     x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
-    y = torch.stack([torch.as_tensor(dataset[int(i)][1]) for i in idx]).long().clamp(max=num_classes - 1)
+    y = torch.stack([torch.as_tensor(item[1]) for item in items]).long().clamp(max=num_classes - 1)
     return x.to(device), t.to(device), y.to(device)
 
 

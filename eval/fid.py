@@ -247,8 +247,11 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
 def save_statistics(path, mu, sigma, **extra) -> None:
     """Save ``mu``/``sigma`` (float64) to an ``.npz`` readable by :func:`load_statistics` and the ADM evaluator."""
     mu, sigma = _check_statistics(mu, sigma, str(path))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, **extra)
+    final = str(path) if str(path).endswith(".npz") else f"{path}.npz"  # np.savez's own naming
+    Path(final).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{final}.tmp-{os.getpid()}.npz"  # atomic: a cached reference is never half written
+    np.savez(tmp, mu=mu, sigma=sigma, **extra)
+    os.replace(tmp, final)
 
 
 def load_source(path) -> tuple[str, object]:
