@@ -87,9 +87,41 @@ class MPConfig:
 
 def normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-4) -> torch.Tensor:
     """Scale each slice along `dim` to RMS 1: x·sqrt(d) / (‖x‖₂ + eps) (EDM2 eq. 47), norm in fp32."""
+    if dim in (-1, x.ndim - 1) and x.requires_grad and torch.is_grad_enabled():
+        return scale_rows_by_inverse_norm(x, math.sqrt(x.shape[-1]), eps)
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     scale = math.sqrt(x.shape[dim]) / (norm + eps)
     return (x.float() * scale).to(x.dtype)
+
+
+class _ScaleRowsByInverseNorm(torch.autograd.Function):
+    """y = x·c / (‖x‖ + eps) along the last dim (c a number), with a hand-written backward.
+
+    Same math as autograd through `normalize`; the backward reads x and the incoming gradient twice
+    instead of ~8 passes (mul, sum, div, masked_fill, mul, add of autograd's own version).
+    With n = ‖x‖, s = c/(n+eps), r = Σ g·x:  ∂L/∂x = s·g − s·r / ((n+eps)·n) · x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, c, eps):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        scale = c / (norm + eps)
+        ctx.save_for_backward(x, norm, scale)
+        ctx.eps = eps
+        return (x.float() * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm, scale = ctx.saved_tensors
+        xf = x.float()
+        r = torch.linalg.vecdot(grad.float(), xf, dim=-1).unsqueeze(-1)
+        coef = scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
+        return torch.addcmul(grad * scale, xf, coef, value=-1).to(x.dtype), None, None
+
+
+def scale_rows_by_inverse_norm(x: torch.Tensor, c: float, eps: float = 1e-4) -> torch.Tensor:
+    """x·c / (‖x‖₂ + eps) per row (last dim): normalize(x)·c/sqrt(d), one fused autograd node."""
+    return _ScaleRowsByInverseNorm.apply(x, c, eps)
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
@@ -130,7 +162,8 @@ class _InferenceWeightCache:
 
     def get(self, module: nn.Module, sources: Iterable[torch.Tensor], compute):
         if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self.key = self.value = None
+            if self.key is not None:  # (no attribute writes on the hot path: none for torch.compile to replay)
+                self.key = self.value = None
             return compute()
         key = tuple((s._version, s.data_ptr(), s.dtype) for s in sources)
         if key != self.key:
@@ -154,13 +187,14 @@ class MPLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, weight_norm: bool, forced_weight_norm: bool,
-                 zero_init: bool = False, input_bias: bool = False):
+                 zero_init: bool = False, input_bias: bool = False, input_gain: float = 1.0):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.weight_norm = weight_norm
         self.forced_weight_norm = forced_weight_norm
         self.input_bias = input_bias
+        self.input_gain = input_gain  # the layer computes linear(input_gain · x), folded into the weight
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.gain = nn.Parameter(torch.zeros(())) if (weight_norm and zero_init) else None
         if weight_norm:
@@ -177,16 +211,24 @@ class MPLinear(nn.Module):
     @property
     def scales_weight(self) -> bool:
         """Whether the effective weight differs from the raw one (and is worth computing in a batch)."""
-        return self.weight_norm or self.forced_weight_norm
+        return self.weight_norm or self.forced_weight_norm or self.input_gain != 1
+
+    def weight_scale(self) -> float:
+        """The constant factor of the effective weight: input gain, and 1/sqrt(fan_in) under (forced) WN."""
+        if self.weight_norm or self.forced_weight_norm:
+            return self.input_gain / math.sqrt(self.in_features)
+        return self.input_gain
 
     def effective_weight(self) -> torch.Tensor:
         """The matrix the forward multiplies by."""
         w = self.weight
         if self.weight_norm:
             w = normalize(w)
-        if self.weight_norm or self.forced_weight_norm:
-            scale = 1 / math.sqrt(self.in_features)
-            w = w * (self.gain * scale) if self.gain is not None else w * scale
+        scale = self.weight_scale()
+        if self.gain is not None:
+            w = w * (self.gain * scale)
+        elif scale != 1:
+            w = w * scale
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,15 +298,15 @@ def batched_effective_weights(layers: list[MPLinear]) -> list[torch.Tensor]:
     """
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
-        groups[(layer.in_features, layer.weight_norm, layer.weight.device, layer.weight.dtype)].append(i)
+        groups[(layer.in_features, layer.weight_norm, layer.weight_scale(), layer.weight.device,
+                layer.weight.dtype)].append(i)
     out: list[torch.Tensor | None] = [None] * len(layers)
-    for (fan_in, weight_norm, _, _), members in groups.items():
+    for (fan_in, weight_norm, scale, _, _), members in groups.items():
         rows = torch.cat([layers[i].weight for i in members])
-        if weight_norm:  # normalize(W)/sqrt(fan_in) = W / (‖W_row‖ + eps)
-            norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=torch.float32)
-            rows = rows * (1 / (norm + 1e-4)).to(rows.dtype)
+        if weight_norm:  # normalize(W)·scale = W · (scale·sqrt(fan_in)) / (‖W_row‖ + eps)
+            rows = scale_rows_by_inverse_norm(rows, scale * math.sqrt(fan_in))
         else:
-            rows = rows * (1 / math.sqrt(fan_in))
+            rows = rows * scale
         for i, w in zip(members, rows.split([layers[i].out_features for i in members])):
             out[i] = w * layers[i].gain if layers[i].gain is not None else w
     return out
@@ -308,24 +350,27 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.cosine:
-            qk = normalize(qkv[:2])  # per head, per token
-            q, k, v = qk[0], qk[1], qkv[2]
-        else:
-            q, k, v = qkv.unbind(0)
+        q, k, v = qkv.unbind(0)
+        if self.cosine:  # per head, per token
+            q, k = normalize(q), normalize(k)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d_head)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
 class MLP(nn.Module):
-    """Linear → SiLU (or MP-SiLU) → linear, bias-free."""
+    """Linear → SiLU (or MP-SiLU) → linear, bias-free.
+
+    MP-SiLU's 1/0.596 is applied by fc2 (folded into its weight, which it scales anyway), not to the
+    (tokens × hidden) activations: fc2(silu(h)/0.596) is the same product.
+    """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, mp: MPConfig):
         super().__init__()
         wn = dict(weight_norm=mp.use_weight_normalization, forced_weight_norm=mp.use_forced_weight_normalization)
         self.fc1 = MPLinear(in_features, hidden_features, **wn)
-        self.fc2 = MPLinear(hidden_features, out_features, **wn)
-        self.act = activation(mp)
+        self.fc2 = MPLinear(hidden_features, out_features, input_gain=1 / MP_SILU_RMS if mp.use_mp_silu else 1.0,
+                            **wn)
+        self.act = F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
