@@ -47,7 +47,7 @@ from diffusion import create_diffusion
 from ema import PowerEMA
 from models import MODEL_NAMES, MODEL_SIZES, build_model
 from mp_layers import MPConfig
-from train import configure_precision, lr_factor
+from train import COMPILE_MODES, compile_model, configure_precision, lr_factor
 
 NUM_CLASSES = 1000
 EMA_STDS = (0.05, 0.10)
@@ -201,8 +201,7 @@ class Bench:
                                     weight_decay=0, fused=device.type == "cuda")
         total = 1_000_000  # a long run's schedule: warm-up steps // 150, decay from steps // 10
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, total // 150, total // 10))
-        kwargs = {} if args.compile_mode is None else {"mode": args.compile_mode}
-        self.train_model = torch.compile(self.model, **kwargs) if spec.compile else self.model
+        self.train_model = compile_model(self.model, args.compile_mode) if spec.compile else self.model
         self.diffusion = create_diffusion("")
         self.step = 0
         self.loss_sum = torch.zeros((), device=device)
@@ -221,6 +220,8 @@ class Bench:
         sync(device)
         start = time.perf_counter()
         for _ in range(n):
+            if self.spec.compile:
+                torch.compiler.cudagraph_mark_step_begin()
             x = torch.randn(shape, device=device)  # random latents and labels (no data loader)
             y = torch.randint(0, NUM_CLASSES, (self.batch,), device=device)
             t = torch.randint(0, self.diffusion.num_timesteps, (self.batch,), device=device)
@@ -245,6 +246,8 @@ class Bench:
         sync(self.device)
         start = time.perf_counter()
         for _ in range(n):
+            if self.spec.compile:
+                torch.compiler.cudagraph_mark_step_begin()
             with self.autocast():
                 self.train_model(self.fwd_x, self.fwd_t, self.fwd_y)
         sync(self.device)
@@ -295,7 +298,8 @@ def n_timed(steps: int, min_time: float, last_step_s: float) -> int:
 def base_row(spec: Spec, args, device) -> dict:
     return {"model": spec.model, "latent": f"{spec.channels}x{spec.size}x{spec.size}", "size": spec.size,
             "channels": spec.channels, "switches": spec.switches, "mp": spec.mp.enabled(),
-            "precision": spec.precision, "compile": spec.compile, "batch_size": args.batch_size,
+            "precision": spec.precision, "compile": spec.compile,
+            "compile_mode": args.compile_mode if spec.compile else None, "batch_size": args.batch_size,
             "device": str(device)}
 
 
@@ -500,7 +504,8 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
             if label == "none":
                 continue
             none = by["none"]
-            entry = {"model": model, "latent": latent, "precision": prec, "compile": comp, "switches": label,
+            entry = {"model": model, "latent": latent, "precision": prec, "compile": comp,
+                     "compile_mode": none.get("compile_mode"), "switches": label,
                      "train_ratio": none["train_img_s"] / r["train_img_s"],
                      "fwd_ratio": none["fwd_img_s"] / r["fwd_img_s"]}
             rounds_none, rounds_r = none.get("train_step_ms_rounds", []), r.get("train_step_ms_rounds", [])
@@ -521,6 +526,14 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def compile_label(row: dict) -> str:
+    """off, on (torch.compile's default mode) or the mode's name."""
+    if not row["compile"]:
+        return "off"
+    mode = row.get("compile_mode") or "default"
+    return "on" if mode == "default" else mode
+
+
 def fmt(v, spec="{:,.0f}", na="n/a"):
     return na if v is None else spec.format(v)
 
@@ -539,7 +552,7 @@ def markdown(result: dict) -> str:
         head += ["× ref train", "× ref fwd", "× vanilla train", "× vanilla fwd"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["model"], r["latent"], r["switches"], r["precision"], "on" if r["compile"] else "off"]
+        cells = [r["model"], r["latent"], r["switches"], r["precision"], compile_label(r)]
         if "error" in r:
             cells += [f"FAILED: {r['error'][:120]}"] + [""] * (len(head) - len(cells) - 1)
         else:
@@ -560,7 +573,7 @@ def markdown(result: dict) -> str:
         head += ["ref train ×", "ref fwd ×"]
         lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for e in result["ratios"]:
-            cells = [e["model"], e["latent"], e["precision"], "on" if e["compile"] else "off", e["switches"],
+            cells = [e["model"], e["latent"], e["precision"], compile_label(e), e["switches"],
                      f"{e['train_ratio']:.3f}", f"{e['fwd_ratio']:.3f}"]
             if paired:
                 cells += [fmt(e.get(k), "{:.3f}", "–") for k in ("train_ratio_paired_median",
@@ -603,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switches", nargs="+", help="none, all, each, or switch names (joined by +)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--compile", choices=["off", "on", "both"], help="torch.compile(model) as train.py --compile")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, help="timed steps (training and forward)")
     p.add_argument("--warmup", type=int, help="warm-up steps (training and forward)")
@@ -682,7 +696,7 @@ def main(argv=None) -> int:
             if "error" in r:
                 print(f"  FAILED {r['model']} [{r['switches']}] {r['precision']}: {r['error']}", flush=True)
             else:
-                print(f"  {r['model']} [{r['switches']}] {r['precision']}{' compile' if r['compile'] else ''}: "
+                print(f"  {r['model']} [{r['switches']}] {r['precision']} compile {compile_label(r)}: "
                       f"train {r['train_img_s']:,.0f} img/s ({r['train_step_ms']:.1f} ms/step), "
                       f"fwd {r['fwd_img_s']:,.0f} img/s, peak {fmt(r.get('train_peak_gib'), '{:.2f}')} GiB, "
                       f"first step {r['first_train_step_s']:.1f} s, row {r['row_s']:.0f} s", flush=True)

@@ -1,22 +1,49 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's tables, in one command (about 8 minutes on an H100/H200):
-#   1. bench.py --preset gpu: training / sampling throughput and memory, switches none vs all eight,
-#      TF32 eager, bf16 eager and bf16 + torch.compile, for DiT-XS/2, DiT-S/4 (4x16x16), DiT-B/2 (4x32x32);
-#   2. the loss curves of DiT-XS/2 with all eight switches on the digits in TF32 and in bf16.
+# The GPU measurements behind the README's tables, in one command (about 9 minutes on an H100/H200), the
+# most important first; every step has a time limit and writes its own files, so a cut-short run keeps
+# what it finished:
+#   1. bench.py, bf16 + torch.compile with CUDA graphs (--compile-mode reduce-overhead): switches none vs all
+#      eight, DiT-XS/2 and DiT-S/4 on 4x16x16, DiT-B/2 on 4x32x32, batch 256;
+#   2. the same with torch.compile's default mode;
+#   3. benchmarks/profile_step.py: kernels per step and device vs wall time, DiT-S/4, bf16 + compile;
+#   4. bench.py in eager mode, bf16 and TF32;
+#   5. the loss curves of DiT-XS/2 with all eight switches on the digits, TF32 and bf16 (600 steps).
 # Usage: OUT=folder bash benchmarks/gpu_suite.sh
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-"$PY" bench.py --preset gpu --time-budget "${BENCH_BUDGET:-330}" --out "$OUT/bench-gpu" || echo "bench failed: $?"
+MODELS=(DiT-XS/2:16 DiT-S/4:16 DiT-B/2:32)
+COMMON=(--switches none all --batch-size 256 --warmup 3 --steps 10 --min-time 1)
+
+# step NAME SECONDS COMMAND...: runs COMMAND with a time limit, its output in $OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: exit $?, $((SECONDS - t0)) s"
+  grep -E "^  |FAILED|skip|^\| |error" "$OUT/$name.log" | tail -n 30
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PY" -c "import torch; print('torch', torch.__version__)"
+  echo "commit ${COMMIT:-?}"; } | tee "$OUT/gpu.txt"
+step bench-compile-cudagraphs "${T1:-200}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
+  --compile on --compile-mode reduce-overhead --time-budget 160 --out "$OUT/bench-compile-cudagraphs"
+step bench-compile "${T2:-170}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
+  --compile on --time-budget 130 --out "$OUT/bench-compile"
+step profile-s4 "${T3:-75}" "$PY" benchmarks/profile_step.py --model DiT-S/4:16 --precision bf16 --compile on
+step bench-eager "${T4:-75}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 tf32 \
+  --compile off --time-budget 60 --out "$OUT/bench-eager"
 runs=$(mktemp -d)
 for precision in tf32 bf16; do
-  "$PY" train.py --use-all-mp --lr 1e-2 --num-steps 600 --batch-size 256 --precision "$precision" \
-    --results-dir "$runs/$precision" --log-every 20 --ckpt-every 600 --ema-snapshot-every 600 \
-    --magnitude-every 600 --num-workers 4 || echo "training in $precision failed: $?"
+  step "curve-$precision" "${T5:-35}" "$PY" train.py --use-all-mp --lr 1e-2 --num-steps 600 --batch-size 256 \
+    --precision "$precision" --results-dir "$runs/$precision" --log-every 20 --ckpt-every 600 \
+    --ema-snapshot-every 600 --magnitude-every 600 --num-workers 4
   cp "$runs/$precision"/*/metrics.jsonl "$OUT/curve-$precision.jsonl" || true
 done
+echo "== done in $SECONDS s"
