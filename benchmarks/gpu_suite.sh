@@ -26,15 +26,15 @@ step() {
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "== $name: exit $?, $((SECONDS - t0)) s"
-  grep -E "^  |FAILED|skip|^\| |error" "$OUT/$name.log" | tail -n 30
+  grep -E "^  |FAILED|skip|^\| |error|Error" "$OUT/$name.log" | tail -n 30
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__)"
   echo "commit ${COMMIT:-?}"; } | tee "$OUT/gpu.txt"
-step bench-compile-cudagraphs "${T1:-200}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
+step bench-compile-cudagraphs "${T1:-195}" env TORCH_LOGS=perf_hints "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
   --compile on --compile-mode reduce-overhead --time-budget 160 --out "$OUT/bench-compile-cudagraphs"
-step bench-compile "${T2:-170}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
+step bench-compile "${T2:-165}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
   --compile on --time-budget 130 --out "$OUT/bench-compile"
 step profile-s4 "${T3:-75}" "$PY" benchmarks/profile_step.py --model DiT-S/4:16 --precision bf16 --compile on
 step bench-eager "${T4:-75}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 tf32 \
