@@ -85,13 +85,19 @@ class MPConfig:
 # Primitives.
 
 
+def norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """Norms are computed in fp32, or in the input's dtype where it is wider (float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-4) -> torch.Tensor:
-    """Scale each slice along `dim` to RMS 1: x·sqrt(d) / (‖x‖₂ + eps) (EDM2 eq. 47), norm in fp32."""
+    """Scale each slice along `dim` to RMS 1: x·sqrt(d) / (‖x‖₂ + eps) (EDM2 eq. 47), norm in fp32 or wider."""
     if dim in (-1, x.ndim - 1) and x.requires_grad and torch.is_grad_enabled():
         return scale_rows_by_inverse_norm(x, math.sqrt(x.shape[-1]), eps)
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    dtype = norm_dtype(x)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
     scale = math.sqrt(x.shape[dim]) / (norm + eps)
-    return (x.float() * scale).to(x.dtype)
+    return (x.to(dtype) * scale).to(x.dtype)
 
 
 class _ScaleRowsByInverseNorm(torch.autograd.Function):
@@ -104,17 +110,17 @@ class _ScaleRowsByInverseNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c, eps):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=norm_dtype(x))
         scale = c / (norm + eps)
         ctx.save_for_backward(x, norm, scale)
         ctx.eps = eps
-        return (x.float() * scale).to(x.dtype)
+        return (x.to(scale.dtype) * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, norm, scale = ctx.saved_tensors
-        xf = x.float()
-        r = torch.linalg.vecdot(grad.float(), xf, dim=-1).unsqueeze(-1)
+        xf = x.to(scale.dtype)
+        r = torch.linalg.vecdot(grad.to(scale.dtype), xf, dim=-1).unsqueeze(-1)
         coef = scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
         return torch.addcmul(grad * scale, xf, coef, value=-1).to(x.dtype), None, None
 
@@ -283,7 +289,7 @@ def project_forced_weights_(weights: list[torch.Tensor]) -> None:
         groups[(w.shape[-1], w.device, w.dtype)].append(w)
     for (d, _, _), ws in groups.items():
         rows = torch.cat([w.reshape(-1, d) for w in ws])
-        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=norm_dtype(rows))
         scale = (math.sqrt(d) / (norm + 1e-4)).to(rows.dtype)
         scales = [s.view(*w.shape[:-1], 1) for s, w in zip(scale.split([w.numel() // d for w in ws]), ws)]
         torch._foreach_mul_(ws, scales)

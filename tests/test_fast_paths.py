@@ -495,3 +495,47 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in rows.values())
     assert result["ratios"][0]["switches"] == "all" and result["ratios"][0]["train_ratio"] > 0
     assert "| DiT-XS/8 |" in (tmp_path / "res.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalize's hand-written backward (one autograd node) against autograd through the plain formula.
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_normalize_backward_equals_autograd_of_the_formula(dtype):
+    from mp_layers import normalize
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 48, dtype=torch.float64)
+    x[1, 2] = 0  # a zero row: both give the gradient sqrt(d)/eps·g there (the norm's own gradient is 0)
+    x = x.to(dtype)
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    fast = x.clone().requires_grad_()
+    normalize(fast).backward(g)
+    plain = x.double().clone().requires_grad_()
+    norm = torch.linalg.vector_norm(plain, dim=-1, keepdim=True)
+    (plain * math.sqrt(48) / (norm + 1e-4)).backward(g.double())
+    assert fast.grad.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    assert rel_err(fast.grad.double(), plain.grad) < tol
+    assert rel_err(normalize(x).double(), ref_normalize(x.double())) < (1e-12 if dtype == torch.float64 else 1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmarks/profile_step.py runs end to end and counts kernels (operators on a CPU) per step.
+
+
+def test_profile_step_smoke(capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile_step.py")
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--model", "DiT-XS/8:8", "--device", "cpu", "--batch-size", "2", "--precision", "fp32",
+                        "--compile", "off", "--warmup", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| none") or
+            line.startswith("| all")}
+    assert set(rows) == {"none", "all"}
+    kernels = {k: float(v.split("|")[4]) for k, v in rows.items()}
+    assert kernels["none"] > 50 and kernels["all"] > 50
+    assert "Kernels per step, all vs none" in out
