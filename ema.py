@@ -8,7 +8,7 @@ Library
   snapshots of them (``ema-<std>-<step>.pt``) for post-hoc reconstruction.
 - ``list_snapshots``, ``solve_posthoc_coefficients``, ``reconstruct_ema``, ``reconstruct_emas``:
   rebuild the EMA for any sigma_rel (and any step up to the last snapshot) from the snapshots.
-- ``atomic_torch_save(obj, path)``: ``torch.save`` that never leaves a half-written file behind.
+- ``atomic_torch_save(obj, path)`` (from atomic.py): ``torch.save`` that never leaves a half-written file.
 
 Command line
 ------------
@@ -36,11 +36,12 @@ import math
 import os
 import re
 import sys
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from atomic import atomic_torch_save  # noqa: F401  (part of this module's API)
 
 __all__ = [
     "STD_MAX",
@@ -112,30 +113,6 @@ def std_to_gamma(std) -> float:
     return max(g, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# file helpers
-
-
-def atomic_torch_save(obj, path) -> None:
-    """``torch.save(obj, path)`` via a temporary file in the same folder and ``os.replace``, so a
-    reader (or a crash) never sees a partial file.  Creates the folder if needed."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _std_str(std: float) -> str:

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from atomic import atomic_path  # noqa: E402
+
 
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
@@ -24,10 +26,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 def save_figure(fig, path: str) -> None:
     """Atomic PNG write (a reader never sees half a picture)."""
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def run_label(run_dir: str) -> str:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS
 from runs import RunError, load_run_model
@@ -57,10 +58,8 @@ def image_grid(images: np.ndarray, rows: int, min_tile: int = 64, pad: int = 2) 
 
 
 def save_png(image: Image.Image, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 @torch.no_grad()

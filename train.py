@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Sampler
 
 import data
 from diffusion import create_diffusion
-from ema import PowerEMA, atomic_torch_save
+from atomic import atomic_torch_save, atomic_write_text
+from ema import PowerEMA
 from models import MODEL_NAMES, build_model
 from mp_layers import MPConfig
 from runs import RunError, list_checkpoints, load_run_config
@@ -225,15 +226,6 @@ def create_run_dir(results_dir: str, model_name: str) -> str:
             return path
         except FileExistsError:
             index += 1
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:

@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `eval` importable from th
 import numpy as np
 import scipy.linalg
 
+from atomic import atomic_path  # noqa: E402
 from eval.inception import (  # noqa: E402
     InceptionFeatureExtractor,
     InceptionWeightsError,
@@ -249,9 +250,8 @@ def save_statistics(path, mu, sigma, **extra) -> None:
     mu, sigma = _check_statistics(mu, sigma, str(path))
     final = str(path) if str(path).endswith(".npz") else f"{path}.npz"  # np.savez's own naming
     Path(final).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{final}.tmp-{os.getpid()}.npz"  # atomic: a cached reference is never half written
-    np.savez(tmp, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:  # a cached reference is never half written
+        np.savez(tmp, mu=mu, sigma=sigma, **extra)
 
 
 def load_source(path) -> tuple[str, object]:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from atomic import atomic_path
 from diffusion.sampling import SAMPLERS
 from eval.fid import FIDError, fid_from_images
 from eval.inception import InceptionWeightsError, sha1_of_file
@@ -117,9 +118,8 @@ def run(args) -> float | None:
     if rank == 0:
         parts = [f"{out}.part{r}.npy" for r in range(world_size)]
         all_images = np.concatenate([np.load(p) for p in parts])
-        tmp = f"{out}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, arr_0=all_images)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            np.savez(tmp, arr_0=all_images)
         for p in parts:
             os.remove(p)
         elapsed = time.perf_counter() - start

@@ -268,7 +268,7 @@ def test_kill9_and_resume_equals_uninterrupted_run(tmp_path):
     assert killed_at and max(killed_at) < steps, f"run B was not interrupted ({killed_at})"
 
     # A kill during a checkpoint write leaves a temporary file: it must not disturb resuming.
-    for junk in ("0000999.pt.tmp-123", ".0000999.pt.abc123.tmp"):
+    for junk in ("0000999.pt.tmp-123", ".0000999.pt.abc123.tmp", ".0000999.pt.abc123.tmp.pt"):
         with open(os.path.join(run_b, "checkpoints", junk), "wb") as f:
             f.write(b"partial")
 

@@ -1,0 +1,32 @@
+"""atomic.py: a write either replaces the file whole or leaves it exactly as it was."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from atomic import atomic_path, atomic_torch_save, atomic_write_text
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "config.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half of the new cont")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_writers_that_pick_the_format_from_the_name(tmp_path):
+    """np.savez appends .npz unless the name ends with it; the temporary name keeps the extension."""
+    with atomic_path(tmp_path / "stats.npz") as tmp:
+        assert tmp.endswith(".npz") and os.path.basename(tmp).startswith(".stats.npz.")
+        np.savez(tmp, mu=np.arange(3))
+    assert np.load(tmp_path / "stats.npz")["mu"].tolist() == [0, 1, 2]
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "sub" / "0000001.pt")  # creates the folder
+    assert torch.load(tmp_path / "sub" / "0000001.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
+    assert sorted(os.listdir(tmp_path)) == ["stats.npz", "sub"]
+    assert os.stat(tmp_path / "stats.npz").st_mode & 0o777 == 0o644  # not mkstemp's private 0600
