@@ -288,10 +288,11 @@ def project_forced_weights_(weights: list[torch.Tensor]) -> None:
     for w in weights:
         groups[(w.shape[-1], w.device, w.dtype)].append(w)
     for (d, _, _), ws in groups.items():
-        rows = torch.cat([w.reshape(-1, d) for w in ws])
+        rows = torch.cat([w if w.ndim == 2 else w.reshape(-1, d) for w in ws])  # (no per-weight op for 2-D)
         norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=norm_dtype(rows))
         scale = (math.sqrt(d) / (norm + 1e-4)).to(rows.dtype)
-        scales = [s.view(*w.shape[:-1], 1) for s, w in zip(scale.split([w.numel() // d for w in ws]), ws)]
+        scales = [s if w.ndim == 2 else s.view(*w.shape[:-1], 1)
+                  for s, w in zip(scale.split([w.numel() // d for w in ws]), ws)]
         torch._foreach_mul_(ws, scales)
 
 

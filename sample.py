@@ -10,6 +10,7 @@ denormalised; latent runs are decoded with the VAE recorded in the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS
 from runs import RunError, load_run_model
+from train import configure_precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--output", default=None, help="PNG path (default RUN/samples/<weights>-cfg<scale>.png)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_speed_arguments(p)
     return p
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """--precision and --compile, shared by sample.py and eval/sample_fid.py."""
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
+                   help="the model's forward passes in fp32, with TF32 matmuls (default; fp32 on a CPU), or under "
+                        "bf16 autocast; the sampler's own arithmetic stays in fp32 or wider")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (pays off over many sampling steps on a GPU)")
+
+
+@contextlib.contextmanager
+def compiled_forward(model: torch.nn.Module):
+    """Within the block, `model.forward` (which forward_with_cfg calls too) is compiled."""
+    model.forward = torch.compile(model.forward)
+    try:
+        yield
+    finally:
+        del model.forward  # back to the class's method
 
 
 def image_grid(images: np.ndarray, rows: int, min_tile: int = 64, pad: int = 2) -> Image.Image:
@@ -64,21 +86,26 @@ def save_png(image: Image.Image, path: str) -> None:
 
 @torch.no_grad()
 def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num_steps: int, sampler: str,
-             seed: int, batch_size: int, device, progress: bool = True, vae=None, first_index: int = 0) -> np.ndarray:
+             seed: int, batch_size: int, device, progress: bool = True, vae=None, first_index: int = 0,
+             precision: str = "tf32", compile: bool = False) -> np.ndarray:
     """Samples for `labels` as uint8 N×H×W×3, in batches of `batch_size`. `first_index` is the global position of
     labels[0] (a process's offset in a sharded run); the noise of a batch depends only on (seed, the global position
-    of its first image, its size), so shards whose offsets are multiples of `batch_size` reproduce one process."""
+    of its first image, its size), so shards whose offsets are multiples of `batch_size` reproduce one process.
+    `precision` and `compile` are those of the CLI (add_speed_arguments)."""
     info = config["data"]
     if info.get("kind") == "latent" and vae is None:
         vae = data.load_vae(info.get("vae") or data.DEFAULT_VAE, device)
     shape = (config["in_channels"], config["input_size"], config["input_size"])
+    autocast = configure_precision(precision, torch.device(device))
     out = []
-    for start in range(0, len(labels), batch_size):
-        chunk = labels[start: start + batch_size]
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_index + start)
-        z = sample_images(model, chunk, shape, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
-                          generator=g, device=device, progress=progress)
-        out.append(data.to_uint8_images(data.decode_samples(z, info, vae=vae)))
+    with compiled_forward(model) if compile else contextlib.nullcontext():
+        for start in range(0, len(labels), batch_size):
+            chunk = labels[start: start + batch_size]
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_index + start)
+            with autocast():
+                z = sample_images(model, chunk, shape, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
+                                  generator=g, device=device, progress=progress)
+            out.append(data.to_uint8_images(data.decode_samples(z.float(), info, vae=vae)))
     return np.concatenate(out)
 
 
@@ -100,7 +127,8 @@ def main(argv=None) -> int:
         print(f"sampling {len(labels)} images of classes {classes} with {what}, cfg {args.cfg_scale:g}, "
               f"{args.num_sampling_steps} {args.sampler} steps, on {device}")
         images = generate(model, config, labels, cfg_scale=args.cfg_scale, num_steps=args.num_sampling_steps,
-                          sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device)
+                          sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device,
+                          precision=args.precision, compile=args.compile)
         tag = f"ckpt{args.ckpt:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
         output = args.output or os.path.join(args.result_dir, "samples", f"{tag}-cfg{args.cfg_scale:g}.png")
         save_png(image_grid(images, rows=len(classes)), output)

@@ -33,7 +33,7 @@ from eval.fid import FIDError, fid_from_images
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from runs import RunError, load_run_model
-from sample import generate
+from sample import add_speed_arguments, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default="auto", help='reference: stats .npz, images .npz or folder, "auto", or "none"')
     p.add_argument("--out", default=None, help="samples .npz (default RUN/fid/samples-<tag>.npz)")
     p.add_argument("--inception-weights", default=None)
+    add_speed_arguments(p)
     return p
 
 
 def sample_tag(args) -> str:
     weights = f"ckpt{args.ckpt}" if args.ckpt is not None else f"ema{args.ema_std:g}" + (
         f"-step{args.step}" if args.step is not None else "")
-    return f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}-seed{args.seed}"
+    precision = "" if args.precision == "tf32" else f"-{args.precision}"  # bf16 samples are other samples
+    return (f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}"
+            f"-seed{args.seed}{precision}")
 
 
 def resolve_reference(ref: str, config: dict, results_dir: str, inception_weights=None) -> str | None:
@@ -109,7 +112,8 @@ def run(args) -> float | None:
     # as long as each process's share is a multiple of --batch-size (e.g. 10,000 = 8 x 5 x 250).
     images = generate(model, config, labels[lo:hi].to(device), cfg_scale=args.cfg_scale,
                       num_steps=args.num_sampling_steps, sampler=args.sampler, seed=args.seed, first_index=lo,
-                      batch_size=args.batch_size, device=device, progress=rank == 0)
+                      batch_size=args.batch_size, device=device, progress=rank == 0, precision=args.precision,
+                      compile=args.compile)
     part = f"{out}.part{rank}.npy"
     np.save(part, images)
     if world_size > 1:
@@ -128,7 +132,8 @@ def run(args) -> float | None:
             fid = fid_from_images(all_images, reference, inception_weights=args.inception_weights)
             record = {"fid": fid, "samples": out, "reference": reference, "num_samples": args.num_samples,
                       "weights": what, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
-                      "num_sampling_steps": args.num_sampling_steps, "seed": args.seed}
+                      "num_sampling_steps": args.num_sampling_steps, "seed": args.seed,
+                      "precision": args.precision}
             os.makedirs(fid_dir, exist_ok=True)  # --out may have put the samples elsewhere
             with open(os.path.join(fid_dir, "fid.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
