@@ -2,8 +2,9 @@
 
 The data goes to a temporary file in the target's folder (the same file system), is flushed to disk,
 and is renamed over the target with `os.replace`, which is atomic. A failed write removes its temporary
-file. Temporary names start with a dot and keep the target's extension, so writers that pick the format
-from the name (PIL, matplotlib, numpy) work, and listings of checkpoints and snapshots never match them.
+file. Temporary names start with a dot, so listings of checkpoints and snapshots never match them, and
+end with the target's extension or the `suffix` given: writers that pick the format from the name (PIL,
+matplotlib) or append an extension (numpy's savez) need the right one.
 """
 from __future__ import annotations
 
@@ -14,24 +15,39 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path) -> Iterator[str]:
-    """Yields a temporary path to write; when the block succeeds it becomes `path`. Creates the folder."""
+def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
+    """Yields a temporary path to write; when the block succeeds it becomes `path`. Creates the folder.
+
+    The temporary name ends with `suffix` (default: `path`'s own extension), e.g. ".png" for a PNG whose
+    target name has none, or ".npz" for np.savez."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp" + os.path.splitext(path)[1])
+    suffix = os.path.splitext(path)[1] if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path)[:64] + ".", suffix=".tmp" + suffix)
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given; mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every system)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_torch_save(obj, path) -> None:

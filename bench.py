@@ -598,9 +598,14 @@ def device_name(device) -> str:
 
 
 def commit() -> str | None:
+    """The short hash of HEAD, with -dirty when the working tree has uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
+        return (head + ("-dirty" if dirty else "")) or None
     except Exception:  # noqa: BLE001
         return None
 

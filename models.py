@@ -179,6 +179,10 @@ class DiT(nn.Module):
                                 if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
         # The linear layers whose effective weight is computed in one batched pass per training step.
         self._scaled_layers = [m for m in self.modules() if isinstance(m, MPLinear) and m.scales_weight]
+        # Off: each layer normalises its own weight. train.py turns the batched pass off under DDP: it
+        # hands every grouped weight its gradient only at the very end of the backward, so DDP could not
+        # all-reduce those gradients while the backward is still running.
+        self.batch_weight_normalization = True
 
     @torch.no_grad()
     def project_forced_weights_(self) -> None:
@@ -195,7 +199,8 @@ class DiT(nn.Module):
         # Training, and anything compiled: all effective weights in one batched pass (a few kernels in
         # all, forward and backward, instead of several per layer, with or without torch.compile).
         # Eager evaluation reuses each layer's cached weight instead (sampling renormalises nothing).
-        if self._scaled_layers and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        if self._scaled_layers and self.batch_weight_normalization and (
+                torch.is_grad_enabled() or torch.compiler.is_compiling()):
             with scaled_weights_for_step(self._scaled_layers):
                 return self._forward(x, t, y)
         return self._forward(x, t, y)

@@ -249,7 +249,8 @@ class MPLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, weight_norm={self.weight_norm}, "
-                f"forced_weight_norm={self.forced_weight_norm}, gain={self.gain is not None}")
+                f"forced_weight_norm={self.forced_weight_norm}, gain={self.gain is not None}"
+                + (f", input_gain={self.input_gain:.4g}" if self.input_gain != 1 else ""))
 
 
 class MPEmbedding(nn.Module):

@@ -27,7 +27,7 @@ def read_jsonl(path: str) -> list[dict]:
 def save_figure(fig, path: str) -> None:
     """Atomic PNG write (a reader never sees half a picture)."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)

@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     """--precision and --compile, shared by sample.py and eval/sample_fid.py."""
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
-                   help="the model's forward passes in fp32, with TF32 matmuls (default; fp32 on a CPU), or under "
-                        "bf16 autocast; the sampler's own arithmetic stays in fp32 or wider")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="the model's forward passes in fp32 (default), with TF32 matmuls, or under bf16 autocast "
+                        "(same as fp32 on a CPU except bf16); the sampler's own arithmetic stays in fp32 or wider")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (pays off over many sampling steps on a GPU)")
 
@@ -58,11 +58,26 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def compiled_forward(model: torch.nn.Module):
     """Within the block, `model.forward` (which forward_with_cfg calls too) is compiled."""
+    missing = object()
+    before = vars(model).get("forward", missing)  # an instance override, if any
     model.forward = torch.compile(model.forward)
     try:
         yield
     finally:
-        del model.forward  # back to the class's method
+        if before is missing:
+            del model.forward  # back to the class's method
+        else:
+            model.forward = before
+
+
+@contextlib.contextmanager
+def precision_for_sampling(precision: str, device: torch.device):
+    """Yields the autocast context of `precision`; TF32 settings are restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield configure_precision(precision, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def image_grid(images: np.ndarray, rows: int, min_tile: int = 64, pad: int = 2) -> Image.Image:
@@ -80,14 +95,14 @@ def image_grid(images: np.ndarray, rows: int, min_tile: int = 64, pad: int = 2) 
 
 
 def save_png(image: Image.Image, path: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix=".png") as tmp:
         image.save(tmp)
 
 
 @torch.no_grad()
 def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num_steps: int, sampler: str,
              seed: int, batch_size: int, device, progress: bool = True, vae=None, first_index: int = 0,
-             precision: str = "tf32", compile: bool = False) -> np.ndarray:
+             precision: str = "fp32", compile: bool = False) -> np.ndarray:
     """Samples for `labels` as uint8 N×H×W×3, in batches of `batch_size`. `first_index` is the global position of
     labels[0] (a process's offset in a sharded run); the noise of a batch depends only on (seed, the global position
     of its first image, its size), so shards whose offsets are multiples of `batch_size` reproduce one process.
@@ -96,9 +111,9 @@ def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num
     if info.get("kind") == "latent" and vae is None:
         vae = data.load_vae(info.get("vae") or data.DEFAULT_VAE, device)
     shape = (config["in_channels"], config["input_size"], config["input_size"])
-    autocast = configure_precision(precision, torch.device(device))
     out = []
-    with compiled_forward(model) if compile else contextlib.nullcontext():
+    with (precision_for_sampling(precision, torch.device(device)) as autocast,
+          compiled_forward(model) if compile else contextlib.nullcontext()):
         for start in range(0, len(labels), batch_size):
             chunk = labels[start: start + batch_size]
             g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_index + start)
@@ -130,7 +145,8 @@ def main(argv=None) -> int:
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device,
                           precision=args.precision, compile=args.compile)
         tag = f"ckpt{args.ckpt:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
-        output = args.output or os.path.join(args.result_dir, "samples", f"{tag}-cfg{args.cfg_scale:g}.png")
+        tag += f"-cfg{args.cfg_scale:g}" + ("" if args.precision == "fp32" else f"-{args.precision}")
+        output = args.output or os.path.join(args.result_dir, "samples", f"{tag}.png")
         save_png(image_grid(images, rows=len(classes)), output)
         print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} samples each)")
     except (RunError, data.DatasetError, ValueError, FileNotFoundError) as e:

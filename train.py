@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                    help="fp32, TF32 matmuls (default; same as fp32 on a CPU), or bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the kernel-launch "
-                        "cost that bounds small models (measured single-GPU; see README)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="with --compile: torch.compile's mode (default: default); reduce-overhead replays CUDA "
+                        "graphs, which removes the kernel-launch cost that bounds small models (measured on one "
+                        "GPU; see README)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -105,6 +106,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if getattr(args, "compile_mode", None) and not args.compile:
+        raise TrainingError(f"--compile-mode {args.compile_mode} needs --compile; add --compile")
     if args.num_lin_warmup < 0 or args.start_decay < 0:
         raise TrainingError("--num-lin-warmup and --start-decay must be >= 0")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -298,11 +301,11 @@ def make_probe(dataset, diffusion, device, num_classes: int, size: int = 16):
 # Training.
 
 
-def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, mode: str | None = "default") -> torch.nn.Module:
     """torch.compile for training. With a CUDA-graph mode (reduce-overhead, max-autotune) call
     torch.compiler.cudagraph_mark_step_begin() at the start of every step: the graphs' outputs are
     reused buffers, and the mark tells PyTorch that the previous step's are no longer needed."""
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    return torch.compile(model, mode=None if mode in (None, "default") else mode)
 
 
 def configure_precision(precision: str, device: torch.device):
@@ -353,6 +356,9 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     for k in RESUMABLE:
         if k in explicit:
             setattr(resumed, k, getattr(args, k))
+    for k, v in vars(args).items():  # options added to train.py after the run was created
+        if not hasattr(resumed, k):
+            setattr(resumed, k, v)
     resumed.resume = run_dir
     resumed.results_dir = os.path.dirname(os.path.abspath(run_dir))
     return resumed, config
@@ -428,6 +434,10 @@ def train(argv=None) -> str:
 
     raw_model = model
     if world_size > 1:
+        model.batch_weight_normalization = False  # per-layer WN, so DDP overlaps its all-reduce (models.py)
+        if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune") and rank == 0:
+            logger.warning(f"--compile-mode {args.compile_mode} (CUDA graphs) under DDP is untested here; "
+                           f"if it fails or is slow, use --compile alone")
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = compile_model(model, args.compile_mode) if args.compile else model
     diffusion = create_diffusion("")

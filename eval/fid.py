@@ -250,7 +250,7 @@ def save_statistics(path, mu, sigma, **extra) -> None:
     mu, sigma = _check_statistics(mu, sigma, str(path))
     final = str(path) if str(path).endswith(".npz") else f"{path}.npz"  # np.savez's own naming
     Path(final).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(final) as tmp:  # a cached reference is never half written
+    with atomic_path(final, suffix=".npz") as tmp:  # a cached reference is never half written
         np.savez(tmp, mu=mu, sigma=sigma, **extra)
 
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def sample_tag(args) -> str:
     weights = f"ckpt{args.ckpt}" if args.ckpt is not None else f"ema{args.ema_std:g}" + (
         f"-step{args.step}" if args.step is not None else "")
-    precision = "" if args.precision == "tf32" else f"-{args.precision}"  # bf16 samples are other samples
+    precision = "" if args.precision == "fp32" else f"-{args.precision}"  # bf16 samples are other samples
     return (f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}"
             f"-seed{args.seed}{precision}")
 
@@ -122,7 +122,7 @@ def run(args) -> float | None:
     if rank == 0:
         parts = [f"{out}.part{r}.npy" for r in range(world_size)]
         all_images = np.concatenate([np.load(p) for p in parts])
-        with atomic_path(out) as tmp:
+        with atomic_path(out, suffix=".npz") as tmp:
             np.savez(tmp, arr_0=all_images)
         for p in parts:
             os.remove(p)

@@ -29,4 +29,15 @@ def test_writers_that_pick_the_format_from_the_name(tmp_path):
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "sub" / "0000001.pt")  # creates the folder
     assert torch.load(tmp_path / "sub" / "0000001.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
     assert sorted(os.listdir(tmp_path)) == ["stats.npz", "sub"]
-    assert os.stat(tmp_path / "stats.npz").st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "stats.npz").st_mode & 0o777 == 0o666 & ~mask  # as open() would; not 0600
+
+
+def test_target_without_extension_gets_the_writers_suffix(tmp_path):
+    """np.savez on a name without .npz would write a second file; the suffix keeps it on the temporary."""
+    with atomic_path(tmp_path / "samples", suffix=".npz") as tmp:
+        assert tmp.endswith(".npz")
+        np.savez(tmp, arr_0=np.ones(2))
+    assert np.load(tmp_path / "samples")["arr_0"].tolist() == [1.0, 1.0]
+    assert os.listdir(tmp_path) == ["samples"]

@@ -322,13 +322,16 @@ def test_train_and_eval_agree_without_label_dropout():
     assert rel_err(train_out.detach(), eval_out.double()) < 1e-6
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-layer"])
 @pytest.mark.parametrize("name,mp", CONFIGS, ids=CONFIG_IDS)
-def test_train_mode_gradients_equal_naive_reference(name, mp):
-    """The backward of every fast path (batched weights, custom autograd, fused residuals) is exact.
+def test_train_mode_gradients_equal_naive_reference(name, mp, batched):
+    """The backward of every fast path (batched weights, custom autograd, fused residuals) is exact, and
+    so is the per-layer weight normalisation that DDP runs use.
 
     The weights are taken as they are after the forced-WN projection (train.py projects after the
     optimiser step, so the gradient does not pass through the projection)."""
     model, _ = make_model(mp)
+    model.batch_weight_normalization = batched
     model.train()
     model.class_dropout = 0.5
     x, t, y = batch()

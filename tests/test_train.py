@@ -432,6 +432,27 @@ def test_resume_with_different_run_options(existing, capsys, flag):
     assert tree_listing(existing["results"]) == before
 
 
+def test_compile_mode_without_compile(existing, capsys):
+    before = tree_listing(existing["results"])
+    code, err = main_in_process([*FAST, "--num-steps", "2", "--compile-mode", "reduce-overhead",
+                                 "--results-dir", str(existing["results"])], capsys)
+    assert code != 0 and len(err) == 1 and "--compile-mode reduce-overhead needs --compile" in err[0], err
+    assert tree_listing(existing["results"]) == before
+
+
+def test_resume_a_run_made_before_an_option_existed(existing, tmp_path):
+    """A run folder whose config.json predates --compile-mode resumes with that option's default."""
+    old = tmp_path / "old-run"
+    shutil.copytree(existing["run"], old)
+    config = json.load(open(old / "config.json"))
+    del config["args"]["compile_mode"]
+    (old / "config.json").write_text(json.dumps(config))
+    args, _ = train.resolve_args(["--resume", str(old)])
+    assert args.compile_mode is None and not args.compile
+    args, _ = train.resolve_args(["--resume", str(old), "--compile", "--compile-mode", "reduce-overhead"])
+    assert args.compile and args.compile_mode == "reduce-overhead"
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     results = tmp_path / "results"
     # No MP switches and lr 1e30: step 1 is fine, its update makes the weights ~1e30 and step 2's loss inf/NaN.
