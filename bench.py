@@ -47,7 +47,7 @@ from diffusion import create_diffusion
 from ema import PowerEMA
 from models import MODEL_NAMES, MODEL_SIZES, build_model
 from mp_layers import MPConfig
-from train import COMPILE_MODES, compile_model, configure_precision, lr_factor
+from train import COMPILE_MODES, compile_model, configure_precision, make_optimizer, training_step
 
 NUM_CLASSES = 1000
 EMA_STDS = (0.05, 0.10)
@@ -197,10 +197,8 @@ class Bench:
                                  num_classes=NUM_CLASSES, mp=spec.mp).to(device)
         self.model.train()
         self.ema = PowerEMA(self.model, stds=EMA_STDS)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8,
-                                    weight_decay=0, fused=device.type == "cuda")
         total = 1_000_000  # a long run's schedule: warm-up steps // 150, decay from steps // 10
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, total // 150, total // 10))
+        self.opt, self.sched = make_optimizer(self.model, args.lr, total // 150, total // 10, device)
         self.train_model = compile_model(self.model, args.compile_mode) if spec.compile else self.model
         self.diffusion = create_diffusion("")
         self.step = 0
@@ -220,21 +218,12 @@ class Bench:
         sync(device)
         start = time.perf_counter()
         for _ in range(n):
-            if self.spec.compile:
-                torch.compiler.cudagraph_mark_step_begin()
             x = torch.randn(shape, device=device)  # random latents and labels (no data loader)
             y = torch.randint(0, NUM_CLASSES, (self.batch,), device=device)
             t = torch.randint(0, self.diffusion.num_timesteps, (self.batch,), device=device)
-            with self.autocast():
-                loss = self.diffusion.training_losses(model, x, t, model_kwargs={"y": y})["loss"].mean()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            raw.project_forced_weights_()
             self.step += 1
-            self.ema.update(raw, self.step)
-            self.loss_sum += loss.detach()
+            self.loss_sum += training_step(model, raw, self.diffusion, self.opt, self.sched, self.ema, x, y, t,
+                                           step=self.step, autocast=self.autocast, compiled=self.spec.compile)
         sync(device)
         return time.perf_counter() - start
 

@@ -308,6 +308,33 @@ def compile_model(model: torch.nn.Module, mode: str | None = "default") -> torch
     return torch.compile(model, mode=None if mode in (None, "default") else mode)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, warmup: int, decay_start: int, device: torch.device):
+    """Adam (β = 0.9, 0.99, no weight decay; fused on CUDA) and its lr schedule (`lr_factor`)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0,
+                           fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, decay_start))
+    return opt, sched
+
+
+def training_step(train_model, raw_model, diffusion, opt, sched, ema, x, y, t, *, step: int, autocast,
+                  compiled: bool, grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimiser step: hybrid loss, backward, (clip,) Adam, lr schedule, forced-WN projection, EMA update.
+    `step` is the step count after this update (the EMA's t); returns the detached mean loss."""
+    if compiled:
+        torch.compiler.cudagraph_mark_step_begin()
+    with autocast():
+        loss = diffusion.training_losses(train_model, x, t, model_kwargs={"y": y})["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    raw_model.project_forced_weights_()  # forced weight normalisation, after every optimiser step
+    ema.update(raw_model, step)
+    return loss.detach()
+
+
 def configure_precision(precision: str, device: torch.device):
     tf32 = precision in ("tf32", "bf16")
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -381,10 +408,7 @@ def train(argv=None) -> str:
     model = build_model(args.model, in_channels=dataset.channels, input_size=dataset.resolution,
                         num_classes=num_classes, mp=mp).to(device)
     ema = PowerEMA(model, stds=tuple(args.ema_stds))
-    fused = device.type == "cuda"
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, args.num_lin_warmup, args.start_decay))
+    opt, sched = make_optimizer(model, args.lr, args.num_lin_warmup, args.start_decay, device)
 
     # Everything is validated: now (and only now) create or reopen the run folder.
     step = 0
@@ -462,8 +486,14 @@ def train(argv=None) -> str:
         plot_loss_safely(run_dir, logger)
         logger.info(f"saved checkpoint {path}")
 
+    checked = {"step": None}
+
     def check_finite(loss_sum: torch.Tensor):
-        # The weights too: an update can overflow while the loss it came from was finite.
+        # The weights too: an update can overflow while the loss it came from was finite. Once per step
+        # (logging, snapshots and checkpoints may fall on the same step).
+        if checked["step"] == step:
+            return
+        checked["step"] = step
         weights_ok = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
         if not (torch.isfinite(loss_sum).all() and weights_ok):
             last = list_checkpoints(run_dir)
@@ -480,22 +510,11 @@ def train(argv=None) -> str:
         while step < args.num_steps:
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.compile:
-                torch.compiler.cudagraph_mark_step_begin()
             torch.manual_seed(mix_seed(args.seed, rank, step, 3))  # t, noise and label dropout of this step
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            with autocast():
-                loss = diffusion.training_losses(train_model, x, t, model_kwargs={"y": y})["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            opt.step()
-            sched.step()
-            raw_model.project_forced_weights_()  # forced weight normalisation, after every optimiser step
             step += 1
-            ema.update(raw_model, step)
-            loss_sum += loss.detach()
+            loss_sum += training_step(train_model, raw_model, diffusion, opt, sched, ema, x, y, t, step=step,
+                                      autocast=autocast, compiled=args.compile, grad_clip=args.grad_clip)
             loss_count += 1
 
             if step % args.log_every == 0 or step == args.num_steps:
