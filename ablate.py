@@ -28,7 +28,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from atomic import atomic_write_text  # noqa: E402
 from models import count_parameters  # noqa: E402
+from eval.fid import FIDError  # noqa: E402
 from plots import read_jsonl, save_figure  # noqa: E402
 from runs import list_checkpoints, load_run_config, model_from_config  # noqa: E402
 
@@ -99,16 +101,9 @@ def train_rung(args, index: int, lr: float) -> str:
 
 def reference_for(args, run: str) -> str:
     """The FID reference: --ref as given, or (auto) the built-in dataset's statistics computed once for the
-    whole ablation in OUT_DIR/refs/."""
-    if args.ref != "auto":
-        return args.ref
-    from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
-    config = load_run_config(run)
-    name = config["data"]["name"]
-    if name not in BUILTIN_REFERENCES:
-        raise SystemExit(f"error: no automatic FID reference for {name!r}; pass --ref (see eval/ref_stats.py)")
-    path = os.path.join(args.out_dir, "refs", f"{BUILTIN_REFERENCES[name]}-{config['input_size']}.npz")
-    return reference_statistics(name, path, image_size=config["input_size"])
+    whole ablation in OUT_DIR/refs/ (as eval/sample_fid.py caches them)."""
+    from eval.sample_fid import resolve_reference
+    return resolve_reference(args.ref, load_run_config(run), args.out_dir)
 
 
 def fid_of(args, run: str) -> float:
@@ -144,10 +139,8 @@ def write_report(args, rows: list[dict]) -> None:
               f"precision {args.precision}; FID of {args.fid_samples} samples ({args.sampler}, {args.fid_steps} steps, "
               f"CFG {args.cfg_scale:g}, post-hoc EMA σ_rel 0.05) against {args.ref}")
     text = "# Ablation\n\n" + budget + "\n\n" + "\n".join(lines) + "\n"
-    with open(os.path.join(args.out_dir, "ablation.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out_dir, "ablation.json"), "w") as f:
-        json.dump({"budget": budget, "rows": rows}, f, indent=2)
+    atomic_write_text(os.path.join(args.out_dir, "ablation.md"), text)
+    atomic_write_text(os.path.join(args.out_dir, "ablation.json"), json.dumps({"budget": budget, "rows": rows}, indent=2))
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.bar(range(len(rows)), [r["fid"] for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=20, ha="right", fontsize=8)
@@ -182,8 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--ref", default="auto", help="FID reference (see eval/sample_fid.py)")
     args = p.parse_args(argv)
     bad = [r for r in args.rungs if not 0 <= r < len(RUNGS)]
-    if bad or args.num_steps < 1 or args.fid_samples < 2:
-        print(f"error: rungs must be in 0..{len(RUNGS) - 1}, --num-steps >= 1 and --fid-samples >= 2", file=sys.stderr)
+    if bad or args.num_steps < 1 or args.fid_samples < 2 or args.ref == "none":
+        print(f"error: rungs must be in 0..{len(RUNGS) - 1}, --num-steps >= 1, --fid-samples >= 2, and --ref "
+              f"a reference (the table ranks by FID)", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
@@ -199,6 +193,9 @@ def main(argv=None) -> int:
                          "fid": fid, "fid_by_lr": {lr: f for lr, (_, f) in results.items()}, "run": run,
                          **summarize_run(run)})
             write_report(args, rows)  # a partial table after each rung
+    except FIDError as e:  # e.g. no automatic reference for this dataset: pass --ref
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except subprocess.CalledProcessError as e:
         print(f"error: a step of the ablation failed ({' '.join(e.cmd[1:3])}); fix it and re-run the same "
               f"command: finished runs are kept", file=sys.stderr)

@@ -55,6 +55,11 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model's forward (pays off over many sampling steps on a GPU)")
 
 
+def precision_tag(precision: str) -> str:
+    """The file-name tag of samples made at `precision` ("" for fp32, the default): other precision, other samples."""
+    return "" if precision == "fp32" else f"-{precision}"
+
+
 @contextlib.contextmanager
 def compiled_forward(model: torch.nn.Module):
     """Within the block, `model.forward` (which forward_with_cfg calls too) is compiled."""
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device,
                           precision=args.precision, compile=args.compile)
         tag = f"ckpt{args.ckpt:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
-        tag += f"-cfg{args.cfg_scale:g}" + ("" if args.precision == "fp32" else f"-{args.precision}")
+        tag += f"-cfg{args.cfg_scale:g}" + precision_tag(args.precision)
         output = args.output or os.path.join(args.result_dir, "samples", f"{tag}.png")
         save_png(image_grid(images, rows=len(classes)), output)
         print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} samples each)")

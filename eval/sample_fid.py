@@ -13,7 +13,6 @@ RUN/fid/fid.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ from eval.fid import FIDError, fid_from_images
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from runs import RunError, load_run_model
-from sample import add_speed_arguments, generate
+from sample import add_speed_arguments, generate, precision_tag
+from train import append_jsonl, setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def sample_tag(args) -> str:
     weights = f"ckpt{args.ckpt}" if args.ckpt is not None else f"ema{args.ema_std:g}" + (
         f"-step{args.step}" if args.step is not None else "")
-    precision = "" if args.precision == "fp32" else f"-{args.precision}"  # bf16 samples are other samples
     return (f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}"
-            f"-seed{args.seed}{precision}")
+            f"-seed{args.seed}{precision_tag(args.precision)}")
 
 
 def resolve_reference(ref: str, config: dict, results_dir: str, inception_weights=None) -> str | None:
@@ -81,13 +80,7 @@ def resolve_reference(ref: str, config: dict, results_dir: str, inception_weight
 
 
 def run(args) -> float | None:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size, device = setup_distributed(None)
     if args.num_samples < 2:
         raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
     model, config, what = load_run_model(args.result_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
@@ -135,8 +128,7 @@ def run(args) -> float | None:
                       "num_sampling_steps": args.num_sampling_steps, "seed": args.seed,
                       "precision": args.precision}
             os.makedirs(fid_dir, exist_ok=True)  # --out may have put the samples elsewhere
-            with open(os.path.join(fid_dir, "fid.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(os.path.join(fid_dir, "fid.jsonl"), record)
             print(f"FID: {fid:.4f}")
     if world_size > 1:
         dist.barrier()
