@@ -249,7 +249,6 @@ def save_statistics(path, mu, sigma, **extra) -> None:
     """Save ``mu``/``sigma`` (float64) to an ``.npz`` readable by :func:`load_statistics` and the ADM evaluator."""
     mu, sigma = _check_statistics(mu, sigma, str(path))
     final = str(path) if str(path).endswith(".npz") else f"{path}.npz"  # np.savez's own naming
-    Path(final).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(final, suffix=".npz") as tmp:  # a cached reference is never half written
         np.savez(tmp, mu=mu, sigma=sigma, **extra)
 
@@ -314,6 +313,15 @@ def _check_count(images, name: str) -> None:
         raise FIDError(f"{name}: need at least 2 images to estimate a covariance, got {len(images)}")
 
 
+def _check_pair(kind_a, a, name_a: str, kind_b, b, name_b: str) -> None:
+    """Both inputs usable, checked before any Inception work: same image size, at least 2 images each."""
+    if kind_a == "images" and kind_b == "images":
+        _check_same_size(a, b, name_a, name_b)
+    for kind, payload, name in ((kind_a, a, name_a), (kind_b, b, name_b)):
+        if kind == "images":
+            _check_count(payload, name)
+
+
 class _LazyExtractor:
     """Loads the Inception network only when images actually need features."""
 
@@ -367,11 +375,7 @@ def fid_from_images(
     a ``(mu, sigma)`` tuple, or a dict / npz with ``mu`` and ``sigma``). Two image sets must have the same size."""
     kind_a, a = _as_source(images_a, "A")
     kind_b, b = _as_source(images_b_or_stats, "B")
-    if kind_a == "images" and kind_b == "images":
-        _check_same_size(a, b)
-    for kind, payload, name in ((kind_a, a, "A"), (kind_b, b, "B")):
-        if kind == "images":
-            _check_count(payload, name)
+    _check_pair(kind_a, a, "A", kind_b, b, "B")
     lazy = _LazyExtractor(extractor, inception_weights, device)
     mu1, s1 = _stats_of(kind_a, a, "A", lazy, batch_size, device, progress)
     mu2, s2 = _stats_of(kind_b, b, "B", lazy, batch_size, device, progress)
@@ -432,11 +436,7 @@ def main(argv=None) -> int:
                 raise FIDError(f"--device {args.device}: CUDA is not available on this machine")
         kind_a, a = load_source(args.a)
         kind_b, b = load_source(args.b)
-        if kind_a == "images" and kind_b == "images":
-            _check_same_size(a, b, f"A ({args.a})", f"B ({args.b})")
-        for kind, payload, path in ((kind_a, a, args.a), (kind_b, b, args.b)):
-            if kind == "images":
-                _check_count(payload, path)
+        _check_pair(kind_a, a, f"A ({args.a})", kind_b, b, f"B ({args.b})")
         lazy = _LazyExtractor(None, args.inception_weights, args.device)
         progress = not args.no_progress
         mu1, s1 = _stats_of(kind_a, a, args.a, lazy, args.batch_size, args.device, progress)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 from eval.fid import FIDError, compute_statistics, save_statistics
-from eval.inception import InceptionWeightsError
+from eval.inception import InceptionWeightsError, resolve_device
 
 # The real images each built-in training set is compared with (MNIST: its 10,000 test images).
 BUILTIN_REFERENCES = {"digits": "digits", "mnist": "mnist-test", "mnist-test": "mnist-test"}
@@ -50,10 +50,9 @@ def reference_statistics(data_path: str, out: str, *, image_size: int | None = N
         return out
     ref_path = BUILTIN_REFERENCES.get(str(data_path), data_path)
     dataset = data.load_dataset(ref_path, image_size=image_size)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     images = dataset_images(dataset, device=dev, max_images=max_images)
     mu, sigma = compute_statistics(images, batch_size=batch_size, device=dev, inception_weights=inception_weights)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_statistics(out, mu, sigma, num_images=len(images), source=str(ref_path))
     return out
 
