@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, modulate, mp_sum, normalize
+from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, modulate, mp_sum, mp_sum_weights
+from mp_layers import normalize
 from mp_layers import project_forced_weights_, scaled_weights_for_step
 
 # name: (depth, width, heads)
@@ -111,10 +112,9 @@ class DiTBlock(nn.Module):
         gate = gate.unsqueeze(1)
         if not self.mp_residual:
             return torch.addcmul(x, gate, update)
-        t = 0.3
-        norm = math.sqrt((1 - t) ** 2 + t**2)
+        wx, wu = mp_sum_weights(0.3)
         dtype = torch.promote_types(x.dtype, update.dtype)
-        return torch.addcmul(x.to(dtype) * ((1 - t) / norm), gate, update, value=t / norm)
+        return torch.addcmul(x.to(dtype) * wx, gate, update, value=wu)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(self.act(c)).chunk(6, dim=-1)

@@ -130,10 +130,17 @@ def scale_rows_by_inverse_norm(x: torch.Tensor, c: float, eps: float = 1e-4) -> 
     return _ScaleRowsByInverseNorm.apply(x, c, eps)
 
 
+def mp_sum_weights(t: float) -> tuple[float, float]:
+    """The weights (wa, wb) of mp_sum: wa·a + wb·b = ((1−t)a + t·b)/sqrt((1−t)² + t²)."""
+    norm = math.sqrt((1 - t) ** 2 + t**2)
+    return (1 - t) / norm, t / norm
+
+
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving blend ((1−t)a + t·b)/sqrt((1−t)² + t²) (EDM2 eq. 88): unit in, unit out."""
     dtype = torch.promote_types(a.dtype, b.dtype)  # autocast may hand us a bf16 and an fp32 input
-    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
+    wa, wb = mp_sum_weights(t)
+    return torch.add(a.to(dtype) * wa, b.to(dtype), alpha=wb)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -226,16 +233,8 @@ class MPLinear(nn.Module):
         return self.input_gain
 
     def effective_weight(self) -> torch.Tensor:
-        """The matrix the forward multiplies by."""
-        w = self.weight
-        if self.weight_norm:
-            w = normalize(w)
-        scale = self.weight_scale()
-        if self.gain is not None:
-            w = w * (self.gain * scale)
-        elif scale != 1:
-            w = w * scale
-        return w
+        """The matrix the forward multiplies by (the batched computation, for this layer alone)."""
+        return batched_effective_weights([self])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_weight is not None:
@@ -298,11 +297,12 @@ def project_forced_weights_(weights: list[torch.Tensor]) -> None:
 
 
 def batched_effective_weights(layers: list[MPLinear]) -> list[torch.Tensor]:
-    """`layer.effective_weight()` for many layers at once (same math, a handful of kernels in total).
+    """The effective weights of many layers (the matrices their forwards multiply by), computed together.
 
-    Layers are grouped by fan-in; each group's weights are concatenated, their rows normalised with one
-    reduction, scaled by 1/sqrt(fan_in), and split back, so the backward pass is batched the same way.
-    Without this, weight normalisation costs ~14 small kernels per layer and step in eager mode.
+    Weight norm: normalize(W)·gain·input_gain/sqrt(fan_in); forced WN alone: W·input_gain/sqrt(fan_in)
+    (W already has unit rows); plain: W·input_gain. Layers are grouped by fan-in and scale; each group's
+    weights are concatenated, their rows normalised with one reduction and split back, so the backward
+    pass is batched the same way. Per layer, weight normalisation costs several small kernels a step.
     """
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
@@ -310,10 +310,10 @@ def batched_effective_weights(layers: list[MPLinear]) -> list[torch.Tensor]:
                 layer.weight.dtype)].append(i)
     out: list[torch.Tensor | None] = [None] * len(layers)
     for (fan_in, weight_norm, scale, _, _), members in groups.items():
-        rows = torch.cat([layers[i].weight for i in members])
+        rows = torch.cat([layers[i].weight for i in members]) if len(members) > 1 else layers[members[0]].weight
         if weight_norm:  # normalize(W)·scale = W · (scale·sqrt(fan_in)) / (‖W_row‖ + eps)
             rows = scale_rows_by_inverse_norm(rows, scale * math.sqrt(fan_in))
-        else:
+        elif scale != 1:
             rows = rows * scale
         for i, w in zip(members, rows.split([layers[i].out_features for i in members])):
             out[i] = w * layers[i].gain if layers[i].gain is not None else w
