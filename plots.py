@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
+from mp_layers import MPConfig  # noqa: E402
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -37,27 +38,18 @@ def run_label(run_dir: str) -> str:
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
-        on = [k for k, v in config["mp"].items() if v]
-        mp = "all eight MP switches" if len(on) == 8 else (", ".join(k.removeprefix("use_") for k in on) or "no MP")
+        mp = MPConfig.from_dict(config["mp"]).describe()
         return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}, lr {config['args']['lr']:g}"
     except (OSError, KeyError, ValueError):
         return os.path.basename(os.path.normpath(run_dir))
 
 
 def plot_loss(run_dir: str, out: str | None = None) -> str | None:
-    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    if not records:
+    """The run's loss curve (RUN/loss.png by default); None while it has no records."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not read_jsonl(path):
         return None
-    out = out or os.path.join(run_dir, "loss.png")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mse + vb)")
-    ax.set_yscale("log")
-    ax.set_title(run_label(run_dir), fontsize=9)
-    ax.grid(alpha=0.3)
-    save_figure(fig, out)
-    return out
+    return plot_loss_curves([path], [None], out or os.path.join(run_dir, "loss.png"), title=run_label(run_dir))
 
 
 def plot_magnitudes(run_dirs: list[str], out: str) -> str:
@@ -94,7 +86,7 @@ def plot_magnitudes(run_dirs: list[str], out: str) -> str:
     return out
 
 
-def plot_loss_curves(metrics_files: list[str], labels: list[str], out: str) -> str:
+def plot_loss_curves(metrics_files: list[str], labels: list[str | None], out: str, title: str | None = None) -> str:
     """Loss curves of several metrics.jsonl files in one picture (e.g. fp32 vs bf16)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for path, label in zip(metrics_files, labels):
@@ -106,7 +98,10 @@ def plot_loss_curves(metrics_files: list[str], labels: list[str], out: str) -> s
     ax.set_ylabel("training loss (mse + vb)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    if any(labels):
+        ax.legend()
     save_figure(fig, out)
     return out
 
