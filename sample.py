@@ -32,22 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-dir", required=True, help="run folder written by train.py")
     p.add_argument("--class-label", type=int, nargs="+", default=None, help="class(es) to sample (default: all)")
     p.add_argument("--num-samples", type=int, default=8, help="images per class")
-    p.add_argument("--ema-std", type=float, default=0.05, help="σ_rel of the post-hoc EMA")
-    p.add_argument("--step", type=int, default=None, help="snapshot step for the post-hoc EMA (default: last)")
-    p.add_argument("--ckpt", type=int, default=None, metavar="STEP", help="use the raw weights of this checkpoint")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--num-sampling-steps", type=int, default=250)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(p, cfg_scale=4.0, seed=0)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--output", default=None, help="PNG path (default RUN/samples/<weights>-cfg<scale>.png)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    add_speed_arguments(p)
     return p
 
 
-def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    """--precision and --compile, shared by sample.py and eval/sample_fid.py."""
+def add_sampling_arguments(p: argparse.ArgumentParser, *, cfg_scale: float, seed: int) -> None:
+    """The weights (post-hoc EMA or a checkpoint), sampler and speed options shared by sample.py and
+    eval/sample_fid.py; the CFG scale and the seed default differently in the two."""
+    p.add_argument("--ema-std", type=float, default=0.05, help="σ_rel of the post-hoc EMA")
+    p.add_argument("--step", type=int, default=None, help="snapshot step of the post-hoc EMA (default: last)")
+    p.add_argument("--ckpt", type=int, default=None, metavar="STEP", help="the raw weights of this checkpoint instead")
+    p.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="the model's forward passes in fp32 (default), with TF32 matmuls, or under bf16 autocast "
                         "(same as fp32 on a CPU except bf16); the sampler's own arithmetic stays in fp32 or wider")
@@ -111,7 +112,7 @@ def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num
     """Samples for `labels` as uint8 N×H×W×3, in batches of `batch_size`. `first_index` is the global position of
     labels[0] (a process's offset in a sharded run); the noise of a batch depends only on (seed, the global position
     of its first image, its size), so shards whose offsets are multiples of `batch_size` reproduce one process.
-    `precision` and `compile` are those of the CLI (add_speed_arguments)."""
+    `precision` and `compile` are those of the CLI (add_sampling_arguments)."""
     info = config["data"]
     if info.get("kind") == "latent" and vae is None:
         vae = data.load_vae(info.get("vae") or data.DEFAULT_VAE, device)

@@ -27,12 +27,11 @@ import torch.distributed as dist
 
 import data
 from atomic import atomic_path
-from diffusion.sampling import SAMPLERS
 from eval.fid import FIDError, fid_from_images
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from runs import RunError, load_run_model
-from sample import add_speed_arguments, generate, precision_tag
+from sample import add_sampling_arguments, generate, precision_tag
 from train import append_jsonl, setup_distributed
 
 
@@ -40,18 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--result-dir", required=True)
     p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--ema-std", type=float, default=0.05)
-    p.add_argument("--step", type=int, default=None, help="snapshot step of the post-hoc EMA (default: last)")
-    p.add_argument("--ckpt", type=int, default=None, metavar="STEP", help="raw weights of a checkpoint instead")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--num-sampling-steps", type=int, default=250)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    p.add_argument("--seed", type=int, default=42)
+    add_sampling_arguments(p, cfg_scale=1.5, seed=42)
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass and process")
     p.add_argument("--ref", default="auto", help='reference: stats .npz, images .npz or folder, "auto", or "none"')
     p.add_argument("--out", default=None, help="samples .npz (default RUN/fid/samples-<tag>.npz)")
     p.add_argument("--inception-weights", default=None)
-    add_speed_arguments(p)
     return p
 
 
