@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from atomic import atomic_write_text  # noqa: E402
 from models import count_parameters  # noqa: E402
 from eval.fid import FIDError  # noqa: E402
-from plots import read_jsonl, save_figure  # noqa: E402
-from runs import list_checkpoints, load_run_config, model_from_config  # noqa: E402
+from plots import save_figure  # noqa: E402
+from runs import list_checkpoints, load_run_config, model_from_config, read_jsonl  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MP_BASE_LR, PLAIN_BASE_LR = 1e-2, 1e-4
@@ -91,6 +91,7 @@ def train_rung(args, index: int, lr: float) -> str:
                   "--num-steps", str(args.num_steps), "--batch-size", str(args.batch_size), "--lr", str(lr),
                   "--seed", str(args.seed), "--num-workers", str(args.num_workers),
                   "--log-every", str(max(1, args.num_steps // 20)), "--ckpt-every", str(args.num_steps),
+                  "--ema-snapshot-every", str(args.ema_snapshot_every or max(1, args.num_steps // 25)),
                   "--precision", args.precision, *rung_flags(index)]
     if args.compile:
         train_args.append("--compile")
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun), e.g. the number of GPUs")
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--ema-snapshot-every", type=int, default=None,
+                   help="default steps//25: 25 snapshots per EMA profile and run still rebuild any EMA length, "
+                        "at a tenth of the disk of train.py's default (a 200-step CPU ladder wrote 35 GB with it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--fid-steps", type=int, default=50)
@@ -178,6 +182,10 @@ def main(argv=None) -> int:
     if bad or args.num_steps < 1 or args.fid_samples < 2 or args.ref == "none":
         print(f"error: rungs must be in 0..{len(RUNGS) - 1}, --num-steps >= 1, --fid-samples >= 2, and --ref "
               f"a reference (the table ranks by FID)", file=sys.stderr)
+        return 2
+    if args.ref != "auto" and not os.path.exists(args.ref):  # found out now, not after hours of training
+        print(f"error: FID reference not found: {args.ref}; pass a statistics .npz (eval/ref_stats.py) or "
+              f"--ref auto for a built-in dataset", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []

@@ -51,10 +51,19 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj, path) -> None:
-    """`torch.save(obj, path)`, atomically."""
+    """`torch.save(obj, path)`, atomically. A failed write raises the OSError behind it (ENOSPC for a full
+    disk), not the RuntimeError ("unexpected pos ...") that torch's zip writer raises on top of it."""
     import torch
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: its write errors are OSErrors
+            torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from e
 
 
 def atomic_write_text(path, text: str) -> None:

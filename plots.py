@@ -16,13 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from runs import read_jsonl  # noqa: E402
 
 
 def save_figure(fig, path: str) -> None:

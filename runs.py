@@ -27,6 +27,21 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines log (metrics, magnitudes, FIDs); [] if it does not exist. A last line
+    cut short (a crash or a full disk in the middle of an append) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
 def load_run_config(run_dir: str) -> dict:
     if not os.path.isdir(run_dir):
         raise RunError(f"run folder not found: {run_dir}")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -32,14 +34,14 @@ from atomic import atomic_torch_save, atomic_write_text
 from ema import PowerEMA
 from models import MODEL_NAMES, build_model
 from mp_layers import MPConfig
-from runs import RunError, list_checkpoints, load_run_config
+from runs import RunError, list_checkpoints, load_run_config, read_jsonl
 
 # Options that define what a run is; on --resume they come from the run and may not be changed.
 RUN_DEFINING = ["model", "data_path", "image_size", "num_classes", "batch_size", "lr", "seed", "num_lin_warmup",
                 "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.switch_names(), "use_all_mp"]
 # Options that may be changed when resuming.
-RESUMABLE = ["num_steps", "log_every", "ckpt_every", "ema_snapshot_every", "magnitude_every", "num_workers",
-             "compile", "compile_mode", "device"]
+RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
+             "num_workers", "compile", "compile_mode", "device"]
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=50_000)
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                   help="keep only the newest N checkpoints (default 0: keep all); EMA snapshots are always kept")
     p.add_argument("--num-lin-warmup", type=int, default=None, help="linear warm-up steps (default steps//150)")
     p.add_argument("--start-decay", type=int, default=None, help="start of 1/sqrt decay (default steps//10)")
     p.add_argument("--ema-snapshot-every", type=int, default=None, help="default steps//250")
@@ -108,6 +112,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if getattr(args, "compile_mode", None) and not args.compile:
         raise TrainingError(f"--compile-mode {args.compile_mode} needs --compile; add --compile")
+    if args.keep_checkpoints < 0:
+        raise TrainingError(f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}")
     if args.num_lin_warmup < 0 or args.start_decay < 0:
         raise TrainingError("--num-lin-warmup and --start-decay must be >= 0")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -232,12 +238,11 @@ def create_run_dir(results_dir: str, model_name: str) -> str:
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop records after `last_step` (written after the checkpoint we resume from)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    atomic_write_text(path, "".join(lines))
+    """Drop records after `last_step` (written after the checkpoint we resume from), and a last line cut
+    short by the interruption."""
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
@@ -391,6 +396,25 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     return resumed, config
 
 
+def saves_between(start: int, end: int, every: int) -> int:
+    """How many of the steps start+1 .. end write a file that is written every `every` steps and at `end`."""
+    return max(0, end // every - start // every + (1 if end % every else 0)) if end > start else 0
+
+
+def disk_plan(args: argparse.Namespace, n_params: int, start_step: int) -> tuple[int, str]:
+    """About how many bytes the steps after `start_step` add to the run folder, and an account of them:
+    fp16 EMA snapshots (one per tracked σ_rel) and fp32 checkpoints (weights, Adam's two moments, EMAs)."""
+    n_snapshots = saves_between(start_step, args.num_steps, args.ema_snapshot_every) * len(args.ema_stds)
+    n_checkpoints = saves_between(start_step, args.num_steps, args.ckpt_every)
+    if args.keep_checkpoints:
+        n_checkpoints = min(n_checkpoints, args.keep_checkpoints)
+    snapshot_bytes = n_snapshots * n_params * 2
+    checkpoint_bytes = n_checkpoints * n_params * 4 * (3 + len(args.ema_stds))
+    account = (f"{n_snapshots} EMA snapshots ({snapshot_bytes / 1e9:.2f} GB) and {n_checkpoints} checkpoint(s) "
+               f"({checkpoint_bytes / 1e9:.2f} GB)")
+    return snapshot_bytes + checkpoint_bytes, account
+
+
 def train(argv=None) -> str:
     args, resumed_config = resolve_args(argv)
     rank, world_size, device = setup_distributed(args.device)
@@ -455,6 +479,12 @@ def train(argv=None) -> str:
         logger.info(f"{args.model}: {n_params:,} parameters, {mp.describe()}; data {dataset!r}; "
                     f"{world_size} process(es) on {device}, precision {args.precision}, "
                     f"global batch {args.batch_size}, lr {args.lr:g}")
+        need, account = disk_plan(args, n_params, step)
+        free = shutil.disk_usage(run_dir).free
+        logger.info(f"disk: about {need / 1e9:.1f} GB to write ({account}); {free / 1e9:.1f} GB free")
+        if need > free:
+            logger.warning(f"warning: the run needs more than the {free / 1e9:.1f} GB free on the disk of {run_dir}; "
+                           f"raise --ema-snapshot-every or --ckpt-every, set --keep-checkpoints, or free some space")
 
     raw_model = model
     if world_size > 1:
@@ -485,6 +515,9 @@ def train(argv=None) -> str:
         atomic_torch_save(state, path)
         plot_loss_safely(run_dir, logger)
         logger.info(f"saved checkpoint {path}")
+        if args.keep_checkpoints:
+            for _, old in list_checkpoints(run_dir)[:-args.keep_checkpoints]:
+                os.remove(old)
 
     checked = {"step": None}
 
@@ -552,6 +585,15 @@ def train(argv=None) -> str:
             if stopping:
                 logger.info(f"stopped by signal {stop['signal']} at step {step}; resume with --resume {run_dir}")
                 break
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file of the run folder is written atomically or appended to: what is there is whole.
+        last = list_checkpoints(run_dir)
+        kept = f"its last checkpoint is {last[-1][1]}" if last else "it has no checkpoint yet"
+        raise TrainingError(f"disk full at step {step} ({e.strerror}); the run folder is intact and {kept}; free "
+                            f"some space (or set --keep-checkpoints / a larger --ema-snapshot-every), then "
+                            f"--resume {run_dir}") from e
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

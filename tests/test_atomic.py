@@ -41,3 +41,26 @@ def test_target_without_extension_gets_the_writers_suffix(tmp_path):
         np.savez(tmp, arr_0=np.ones(2))
     assert np.load(tmp_path / "samples")["arr_0"].tolist() == [1.0, 1.0]
     assert os.listdir(tmp_path) == ["samples"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and permission to mount; skipped elsewhere)."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_raises_enospc_and_keeps_the_old_checkpoint(tiny_disk):
+    import errno
+    target = tiny_disk / "0000001.pt"
+    atomic_torch_save({"w": torch.ones(8)}, target)
+    with pytest.raises(OSError) as info:
+        atomic_torch_save({"w": torch.zeros(1 << 20)}, target)  # 4 MiB on a 1 MiB disk
+    assert info.value.errno == errno.ENOSPC  # not torch's RuntimeError("unexpected pos ...")
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(8))
+    assert os.listdir(tiny_disk) == ["0000001.pt"]

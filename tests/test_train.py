@@ -491,6 +491,64 @@ def test_non_finite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys
     assert sorted(os.listdir(os.path.join(run_dir, "ema"))) == ["ema-0.050-0000001.pt", "ema-0.100-0000001.pt"]
 
 
+def test_full_disk_is_one_line_error_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    """A full disk while writing the EMA snapshots of step 4: one error line, the checkpoint of step 2 and no
+    temporary file left; once there is space again, --resume finishes the run (a metrics line cut short by
+    the interruption is dropped)."""
+    import errno
+    original, calls = torch.save, {"n": 0}
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # call 1: the checkpoint of step 2; call 2: the first snapshot of step 4
+            f.write(b"PK\x03\x04 half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    results = tmp_path / "results"
+    code, err = main_in_process([*FAST, "--num-steps", "4", "--ckpt-every", "2", "--results-dir", str(results)],
+                                capsys)
+    run_dir = only_run(results)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: disk full at step 4 (No space left on device)") and f"--resume {run_dir}" in err[0]
+    assert checkpoint_steps(run_dir) == [2] and all_finite(load_ckpt(run_dir)["model"])
+    assert not [f for f in tree_listing(run_dir) if ".tmp" in f]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "lo')  # an append the full disk cut short
+
+    monkeypatch.setattr(torch, "save", original)
+    assert main_in_process(["--resume", run_dir], capsys)[0] == 0
+    assert checkpoint_steps(run_dir) == [2, 4]
+    assert sorted(os.listdir(os.path.join(run_dir, "ema"))) == ["ema-0.050-0000004.pt", "ema-0.100-0000004.pt"]
+    assert [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_keep_checkpoints_keeps_the_newest_and_a_short_disk_warns(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    results = tmp_path / "results"
+    capsys.readouterr()
+    assert train.main([*FAST, "--num-steps", "5", "--ckpt-every", "1", "--keep-checkpoints", "2",
+                       "--results-dir", str(results)]) == 0
+    assert checkpoint_steps(only_run(results)) == [4, 5]
+    out = capsys.readouterr().out
+    assert "disk: about 0.3 GB to write (2 EMA snapshots (0.03 GB) and 2 checkpoint(s) (0.30 GB)); 0.0 GB free" in out
+    assert "warning: the run needs more than the 0.0 GB free" in out
+    code, err = main_in_process([*FAST, "--keep-checkpoints", "-1", "--results-dir", str(results)], capsys)
+    assert code == 2 and err == ["error: --keep-checkpoints must be >= 0 (0 keeps all), got -1"]
+
+
+@pytest.mark.parametrize("start, snapshots, checkpoints", [(0, 500, 2), (600, 200, 2), (950, 26, 1), (1000, 0, 0)])
+def test_disk_plan_counts_the_files_still_to_write(start, snapshots, checkpoints):
+    """1000 steps, snapshots of two profiles every 4 steps and at the end; checkpoints at 300, 600, 900 and
+    1000, of which 2 are kept. Snapshots are fp16, checkpoints fp32 weights + 2 Adam moments + 2 EMAs."""
+    args = train.fill_defaults(train.build_parser().parse_args(
+        ["--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2"]))
+    need, account = train.disk_plan(args, n_params=1000, start_step=start)
+    assert need == snapshots * 1000 * 2 + checkpoints * 1000 * 4 * 5
+    assert account.startswith(f"{snapshots} EMA snapshots") and f"and {checkpoints} checkpoint(s)" in account
+
+
 def test_seed_fixes_the_initial_weights(tmp_path, monkeypatch):
     """The initial weights depend on --seed only (else two identical commands train different models)."""
     class Built(Exception):
