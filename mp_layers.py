@@ -153,10 +153,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
-def activation(mp: MPConfig):
-    return mp_silu if mp.use_mp_silu else F.silu
-
-
 # ----------------------------------------------------------------------------------------------------
 # Weight handling shared by the linear layer and the embedding table.
 
@@ -358,9 +354,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if self.cosine:  # per head, per token
-            q, k = normalize(q), normalize(k)
+        if self.cosine:  # q and k per head and token, in one call
+            q, k = normalize(qkv[:2]).unbind(0)
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d_head)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
