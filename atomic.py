@@ -32,9 +32,11 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given; mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the target
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every system)
         fd = os.open(folder, os.O_RDONLY)
@@ -50,20 +52,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_torch_save(obj, path) -> None:
-    """`torch.save(obj, path)`, atomically. A failed write raises the OSError behind it (ENOSPC for a full
-    disk), not the RuntimeError ("unexpected pos ...") that torch's zip writer raises on top of it."""
+def torch_save_file(obj, path) -> None:
+    """`torch.save(obj, path)` through a Python file, so that a failed write raises the OSError behind it
+    (ENOSPC for a full disk), not the RuntimeError ("unexpected pos ...") torch's zip writer raises."""
     import torch
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: its write errors are OSErrors
+    with open(path, "wb") as f:
+        try:
             torch.save(obj, f)
-    except RuntimeError as e:
-        cause = e.__context__
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__
-        if cause is None:
-            raise
-        raise cause from e
+        except RuntimeError as e:
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from e
+
+
+def atomic_torch_save(obj, path) -> None:
+    """`torch.save(obj, path)`, atomically."""
+    with atomic_path(path) as tmp:
+        torch_save_file(obj, tmp)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -478,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"wrote {path} (sigma_rel {info['std']:.3f}, gamma {info['gamma']:.3f}, step {info['step']}, "
                 f"from {len(info['sources'])} snapshots)"
             )
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing folders, a full disk
         msg = " ".join(str(e).split())
         sys.stderr.write(f"error: {msg}\n")
         return 2

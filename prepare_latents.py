@@ -20,14 +20,15 @@ default). Errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import tempfile
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from atomic import atomic_path, torch_save_file
 from data import (DEFAULT_VAE, LATENT_FILES, DatasetError, load_image, load_vae, mixture_stats,
                       scan_image_folder)
 
@@ -66,25 +67,6 @@ def _device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DatasetError(f"device {name} requested but CUDA is not available; use --device cpu or auto")
     return dev
-
-
-def _atomic_save(obj, path: str, json_text: bool = False) -> str:
-    """Write to a temp file in the same folder; return its name (``os.replace`` happens later)."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w" if json_text else "wb") as f:
-            if json_text:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
 
 
 def parse_args(argv=None):
@@ -164,16 +146,15 @@ def run(args) -> dict:
         ("stats.pt", {"mean": stats["mean"], "std": stats["std"]}, False),
         ("meta.json", meta, True),
     ]
-    tmps = []
-    try:
+    # All five files or none: each is written to a temporary file, and all are renamed at the end.
+    with contextlib.ExitStack() as stack:
         for fn, obj, is_json in items:
-            tmps.append((_atomic_save(obj, os.path.join(out, fn), is_json), os.path.join(out, fn)))
-    except BaseException:
-        for tmp, _ in tmps:
-            os.unlink(tmp)
-        raise
-    for tmp, final in tmps:
-        os.replace(tmp, final)
+            tmp = stack.enter_context(atomic_path(os.path.join(out, fn)))
+            if is_json:
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(obj, indent=2) + "\n")
+            else:
+                torch_save_file(obj, tmp)
     return {"out": out, "num_images": n, "latent_shape": list(means.shape[1:]),
             "stats": {k: [float(v) for v in t] for k, t in stats.items()}}
 
@@ -182,7 +163,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         info = run(args)
-    except DatasetError as e:
+    except (DatasetError, OSError) as e:  # OSError: unreadable images, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {info['num_images']} latents of shape {'x'.join(map(str, info['latent_shape']))} to {info['out']} "

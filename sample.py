@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         output = args.output or os.path.join(args.result_dir, "samples", f"{tag}.png")
         save_png(image_grid(images, rows=len(classes)), output)
         print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} samples each)")
-    except (RunError, data.DatasetError, ValueError, FileNotFoundError) as e:
+    except (RunError, data.DatasetError, ValueError, OSError) as e:  # OSError: missing files, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -591,9 +591,10 @@ def train(argv=None) -> str:
         # Every file of the run folder is written atomically or appended to: what is there is whole.
         last = list_checkpoints(run_dir)
         kept = f"its last checkpoint is {last[-1][1]}" if last else "it has no checkpoint yet"
-        raise TrainingError(f"disk full at step {step} ({e.strerror}); the run folder is intact and {kept}; free "
-                            f"some space (or set --keep-checkpoints / a larger --ema-snapshot-every), then "
-                            f"--resume {run_dir}") from e
+        where = f" writing {os.path.relpath(e.filename, run_dir)}" if e.filename else ""
+        raise TrainingError(f"disk full at step {step}{where} ({e.strerror}); the run folder is intact and "
+                            f"{kept}; free some space (or set --keep-checkpoints / a larger --ema-snapshot-every), "
+                            f"then --resume {run_dir}") from e
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             raise FIDError(f"{args.out} exists; remove it or choose another --out")
         reference_statistics(args.data_path, args.out, image_size=args.image_size, max_images=args.max_images,
                              device=args.device, inception_weights=args.inception_weights, batch_size=args.batch_size)
-    except (FIDError, InceptionWeightsError, data.DatasetError, ValueError) as e:
+    except (FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (RunError, FIDError, InceptionWeightsError, data.DatasetError, ValueError, FileNotFoundError) as e:
+    except (RunError, FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -61,6 +61,8 @@ def test_full_disk_raises_enospc_and_keeps_the_old_checkpoint(tiny_disk):
     atomic_torch_save({"w": torch.ones(8)}, target)
     with pytest.raises(OSError) as info:
         atomic_torch_save({"w": torch.zeros(1 << 20)}, target)  # 4 MiB on a 1 MiB disk
-    assert info.value.errno == errno.ENOSPC  # not torch's RuntimeError("unexpected pos ...")
+    # not torch's RuntimeError("unexpected pos ..."), and the message names the file
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert str(info.value) == f"[Errno 28] No space left on device: '{target}'"
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(8))
     assert os.listdir(tiny_disk) == ["0000001.pt"]

@@ -335,3 +335,19 @@ def test_cli_errors(trajectory, tmp_path, capsys):
         capture_output=True, text=True, timeout=120,
     )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_cli_full_disk_is_one_error_line_and_no_file(trajectory, tmp_path, capsys, monkeypatch):
+    import errno
+    d, _, _, _ = trajectory
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "ph"
+    rc, _, err = run_main(["--result-dir", os.path.dirname(d), "--ema-std", "0.05", "--out", str(out)], capsys)
+    target = out / "posthoc-0.050-0002000.pt"
+    assert rc == 2 and err == f"error: [Errno 28] No space left on device: '{target}'\n"
+    assert os.listdir(out) == []  # no temporary file left behind

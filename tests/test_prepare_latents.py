@@ -93,6 +93,29 @@ def test_prepare_and_load_roundtrip(tmp_path, tiny_vae_dir, capsys):
     assert rc == 2 and "--overwrite" in err and len(err.splitlines()) == 1
 
 
+def test_full_disk_writes_none_of_the_files(tmp_path, tiny_vae_dir, capsys, monkeypatch):
+    """The third of the five files hits a full disk: one error line, and the folder holds no latent file
+    and no temporary file (all five are renamed into place only when all are written)."""
+    import errno
+    _images(tmp_path / "imgs")
+    original, calls = torch.save, {"n": 0}
+
+    def full_on_third(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_third)
+    out = tmp_path / "lat"
+    capsys.readouterr()
+    rc = prepare_latents.main(["--data-path", str(tmp_path / "imgs"), "--out", str(out), "--image-size", "32",
+                               "--vae", tiny_vae_dir, "--device", "cpu"])
+    err = capsys.readouterr().err.splitlines()[-1]  # (after the progress bar)
+    assert rc == 2 and err == f"error: [Errno 28] No space left on device: '{out / 'labels.pt'}'"
+    assert os.listdir(out) == []
+
+
 def test_prepare_errors(tmp_path, tiny_vae_dir, capsys):
     def run(*extra):
         capsys.readouterr()

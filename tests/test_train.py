@@ -511,7 +511,7 @@ def test_full_disk_is_one_line_error_and_the_run_resumes(tmp_path, capsys, monke
                                 capsys)
     run_dir = only_run(results)
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: disk full at step 4 (No space left on device)") and f"--resume {run_dir}" in err[0]
+    assert err[0].startswith("error: disk full at step 4 writing ema/ema-0.050-0000004.pt (No space left on device)") and f"--resume {run_dir}" in err[0]
     assert checkpoint_steps(run_dir) == [2] and all_finite(load_ckpt(run_dir)["model"])
     assert not [f for f in tree_listing(run_dir) if ".tmp" in f]
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
