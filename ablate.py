@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun), e.g. the number of GPUs")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--ema-snapshot-every", type=int, default=None,
-                   help="default steps//25: 25 snapshots per EMA profile and run still rebuild any EMA length, "
-                        "at a tenth of the disk of train.py's default (a 200-step CPU ladder wrote 35 GB with it)")
+                   help="default steps//25: 25 snapshots per EMA profile and run, a tenth of train.py's default "
+                        "(with which a 200-step CPU ladder wrote 35 GB); post-hoc EMA still works, from fewer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--fid-steps", type=int, default=50)

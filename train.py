@@ -398,7 +398,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
 
 def saves_between(start: int, end: int, every: int) -> int:
     """How many of the steps start+1 .. end write a file that is written every `every` steps and at `end`."""
-    return max(0, end // every - start // every + (1 if end % every else 0)) if end > start else 0
+    return end // every - start // every + (1 if end % every else 0) if end > start else 0
 
 
 def disk_plan(args: argparse.Namespace, n_params: int, start_step: int) -> tuple[int, str]:
