@@ -178,6 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--ref", default="auto", help="FID reference (see eval/sample_fid.py)")
     args = p.parse_args(argv)
+    args.out_dir = os.path.abspath(args.out_dir)  # train.py and sample_fid.py run in the repository folder
+    if args.ref != "auto":
+        args.ref = os.path.abspath(args.ref)
+    if os.path.exists(args.data_path):  # a folder, not a built-in name
+        args.data_path = os.path.abspath(args.data_path)
     bad = [r for r in args.rungs if not 0 <= r < len(RUNGS)]
     if bad or args.num_steps < 1 or args.fid_samples < 2 or args.ref == "none":
         print(f"error: rungs must be in 0..{len(RUNGS) - 1}, --num-steps >= 1, --fid-samples >= 2, and --ref "

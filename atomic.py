@@ -35,8 +35,8 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the target
-            raise OSError(e.errno, e.strerror, path) from e
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            e.filename = path  # a failed write names no file: name the target ("[Errno 28] ...: 'path'")
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every system)
         fd = os.open(folder, os.O_RDONLY)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mp_layers import MLP, MP_SILU_RMS, Attention, MPConfig, MPEmbedding, MPLinear, modulate, mp_sum, mp_sum_weights
+from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, modulate, mp_silu, mp_sum, mp_sum_weights
 from mp_layers import normalize
 from mp_layers import project_forced_weights_, scaled_weights_for_step
 
@@ -95,13 +95,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features)
 
 
-def conditioning_gain(mp: MPConfig) -> float:
-    """The adaLN modulation layers all read SiLU(c) of the same conditioning c. The model computes it
-    once per forward; MP-SiLU's 1/0.596 is folded into each modulation layer's weight scale (as for the
-    MLP's fc2), which is the same product as reading mp_silu(c)."""
-    return 1 / MP_SILU_RMS if mp.use_mp_silu else 1.0
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block (DiT order) with optional MP residuals and no layer norm."""
 
@@ -112,8 +105,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, mp)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dim, mp)
         self.modulation = MPLinear(dim, 6 * dim, weight_norm=mp.use_weight_normalization,
-                                   forced_weight_norm=mp.use_forced_weight_normalization, zero_init=True,
-                                   input_gain=conditioning_gain(mp))
+                                   forced_weight_norm=mp.use_forced_weight_normalization, zero_init=True)
 
     def residual(self, x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """x + gate·update, or mp_sum(x, gate·update, 0.3), as one fused multiply-add."""
@@ -125,7 +117,7 @@ class DiTBlock(nn.Module):
         return torch.addcmul(x.to(dtype) * wx, gate, update, value=wu)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        """`c_act`: SiLU of the conditioning, computed once for all blocks (see `conditioning_gain`)."""
+        """`c_act`: (MP-)SiLU of the conditioning, computed once by the model for all blocks."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c_act).chunk(6, dim=-1)
         x = self.residual(x, gate1, self.attn(modulate(self.norm(x), shift1, scale1)))
         x = self.residual(x, gate2, self.mlp(modulate(self.norm(x), shift2, scale2)))
@@ -139,7 +131,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         wn = dict(weight_norm=mp.use_weight_normalization, forced_weight_norm=mp.use_forced_weight_normalization)
         self.norm = nn.Identity() if mp.use_no_layernorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = MPLinear(dim, 2 * dim, zero_init=True, input_gain=conditioning_gain(mp), **wn)
+        self.modulation = MPLinear(dim, 2 * dim, zero_init=True, **wn)
         self.linear = MPLinear(dim, out_features, zero_init=True, **wn)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
@@ -230,7 +222,7 @@ class DiT(nn.Module):
         x = mp_sum(tokens, pos, 0.5) if self.mp.use_mp_residual else tokens + pos
         t_emb, y_emb = self.t_embedder(t), self.y_embedder(y)
         c = mp_sum(t_emb, y_emb, 0.5) if self.mp.use_mp_residual else t_emb + y_emb
-        c_act = F.silu(c)  # every modulation layer's input: computed once (MP-SiLU's gain is in their weights)
+        c_act = mp_silu(c) if self.mp.use_mp_silu else F.silu(c)  # every modulation layer's input, computed once
         for block in self.blocks:
             x = block(x, c_act)
         x = self.final_layer(x, c_act)

@@ -355,8 +355,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.cosine:  # q and k per head and token, in one call
-            q, k = normalize(qkv[:2]).unbind(0)
-            v = qkv[2]
+            qk, v = qkv.split([2, 1])
+            q, k = normalize(qk).unbind(0)
+            v = v.squeeze(0)
         else:
             q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d_head)

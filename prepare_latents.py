@@ -146,9 +146,10 @@ def run(args) -> dict:
         ("stats.pt", {"mean": stats["mean"], "std": stats["std"]}, False),
         ("meta.json", meta, True),
     ]
-    # All five files or none: each is written to a temporary file, and all are renamed at the end.
+    # All five files or none: each is written to a temporary file, and all are renamed at the end, in list
+    # order (the stack renames the last entered first), meta.json last.
     with contextlib.ExitStack() as stack:
-        for fn, obj, is_json in items:
+        for fn, obj, is_json in reversed(items):
             tmp = stack.enter_context(atomic_path(os.path.join(out, fn)))
             if is_json:
                 with open(tmp, "w") as f:

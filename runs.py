@@ -28,8 +28,8 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines log (metrics, magnitudes, FIDs); [] if it does not exist. A last line
-    cut short (a crash or a full disk in the middle of an append) is skipped."""
+    """The records of a JSON-lines log (metrics, magnitudes, FIDs); [] if it does not exist. A line that
+    is not JSON (cut short by a crash or a full disk in the middle of an append) is skipped."""
     if not os.path.isfile(path):
         return []
     records = []

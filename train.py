@@ -356,6 +356,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def given_options(argv) -> set[str]:
+    """The options named on the command line, also when given their default value."""
+    probe = build_parser()
+    for action in probe._actions:  # (parser.set_defaults would put the SUPPRESS marker into the namespace)
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
 def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     """Parse the command line; with --resume, take the run's own options and check for conflicts."""
     parser = build_parser()
@@ -373,7 +381,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
         raise TrainingError(f"{run_dir} has no checkpoint to resume from (checkpoints/NNNNNNN.pt); "
                             f"start a new run instead")
     saved = config["args"]
-    explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    explicit = given_options(argv)
     conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k)
                  and not (k in MPConfig.switch_names() + ["use_all_mp"])]
     mp_given = MPConfig.from_args(args)
@@ -406,8 +414,8 @@ def disk_plan(args: argparse.Namespace, n_params: int, start_step: int) -> tuple
     fp16 EMA snapshots (one per tracked σ_rel) and fp32 checkpoints (weights, Adam's two moments, EMAs)."""
     n_snapshots = saves_between(start_step, args.num_steps, args.ema_snapshot_every) * len(args.ema_stds)
     n_checkpoints = saves_between(start_step, args.num_steps, args.ckpt_every)
-    if args.keep_checkpoints:
-        n_checkpoints = min(n_checkpoints, args.keep_checkpoints)
+    if args.keep_checkpoints:  # the newest is written before the oldest is removed
+        n_checkpoints = min(n_checkpoints, args.keep_checkpoints + 1)
     snapshot_bytes = n_snapshots * n_params * 2
     checkpoint_bytes = n_checkpoints * n_params * 4 * (3 + len(args.ema_stds))
     account = (f"{n_snapshots} EMA snapshots ({snapshot_bytes / 1e9:.2f} GB) and {n_checkpoints} checkpoint(s) "
@@ -519,6 +527,10 @@ def train(argv=None) -> str:
             for _, old in list_checkpoints(run_dir)[:-args.keep_checkpoints]:
                 os.remove(old)
 
+    def last_checkpoint() -> str:
+        last = list_checkpoints(run_dir)
+        return f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
+
     checked = {"step": None}
 
     def check_finite(loss_sum: torch.Tensor):
@@ -529,9 +541,8 @@ def train(argv=None) -> str:
         checked["step"] = step
         weights_ok = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
         if not (torch.isfinite(loss_sum).all() and weights_ok):
-            last = list_checkpoints(run_dir)
-            kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
-            raise TrainingError(f"non-finite loss or weights by step {step}; stopped without saving ({kept}); "
+            raise TrainingError(f"non-finite loss or weights by step {step}; stopped without saving "
+                                f"({last_checkpoint()}); "
                                 f"lower --lr or try --grad-clip / --precision fp32")
 
     raw_model.train()
@@ -589,12 +600,11 @@ def train(argv=None) -> str:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Every file of the run folder is written atomically or appended to: what is there is whole.
-        last = list_checkpoints(run_dir)
-        kept = f"its last checkpoint is {last[-1][1]}" if last else "it has no checkpoint yet"
-        where = f" writing {os.path.relpath(e.filename, run_dir)}" if e.filename else ""
+        in_run = bool(e.filename) and os.path.abspath(e.filename).startswith(os.path.abspath(run_dir) + os.sep)
+        where = f" writing {os.path.relpath(e.filename, run_dir) if in_run else e.filename}" if e.filename else ""
+        advice = " (or set --keep-checkpoints / a larger --ema-snapshot-every)" if in_run else ""
         raise TrainingError(f"disk full at step {step}{where} ({e.strerror}); the run folder is intact and "
-                            f"{kept}; free some space (or set --keep-checkpoints / a larger --ema-snapshot-every), "
-                            f"then --resume {run_dir}") from e
+                            f"{last_checkpoint()}; free some space{advice}, then --resume {run_dir}") from e
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -620,8 +630,14 @@ def stop_requested(stop: dict, world_size: int, step: int, device: torch.device)
 
 
 def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON record per line. After a line cut short (a crash or a full disk mid-append) it starts a new
+    line, so that only the cut line is lost (runs.read_jsonl skips it)."""
+    with open(path, "ab+") as f:
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
 
 
 def plot_loss_safely(run_dir: str, logger) -> None:

@@ -100,7 +100,8 @@ def run(args) -> float | None:
                       batch_size=args.batch_size, device=device, progress=rank == 0, precision=args.precision,
                       compile=args.compile)
     part = f"{out}.part{rank}.npy"
-    np.save(part, images)
+    with atomic_path(part) as tmp:
+        np.save(tmp, images)
     if world_size > 1:
         dist.barrier()
     fid = None

@@ -66,3 +66,20 @@ def test_full_disk_raises_enospc_and_keeps_the_old_checkpoint(tiny_disk):
     assert str(info.value) == f"[Errno 28] No space left on device: '{target}'"
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(8))
     assert os.listdir(tiny_disk) == ["0000001.pt"]
+
+
+def test_torch_save_file_full_disk_is_enospc_without_root():
+    import errno
+    from atomic import torch_save_file
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OSError) as info:
+        torch_save_file({"w": torch.zeros(1 << 20)}, "/dev/full")
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_other_os_errors_keep_their_type_and_message(tmp_path):
+    with pytest.raises(TimeoutError, match="^slow disk$"):
+        with atomic_path(tmp_path / "a.txt"):
+            raise TimeoutError("slow disk")
+    assert os.listdir(tmp_path) == []

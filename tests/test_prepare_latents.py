@@ -94,7 +94,7 @@ def test_prepare_and_load_roundtrip(tmp_path, tiny_vae_dir, capsys):
 
 
 def test_full_disk_writes_none_of_the_files(tmp_path, tiny_vae_dir, capsys, monkeypatch):
-    """The third of the five files hits a full disk: one error line, and the folder holds no latent file
+    """The third tensor file written hits a full disk: one error line, and the folder holds no latent file
     and no temporary file (all five are renamed into place only when all are written)."""
     import errno
     _images(tmp_path / "imgs")
@@ -112,7 +112,7 @@ def test_full_disk_writes_none_of_the_files(tmp_path, tiny_vae_dir, capsys, monk
     rc = prepare_latents.main(["--data-path", str(tmp_path / "imgs"), "--out", str(out), "--image-size", "32",
                                "--vae", tiny_vae_dir, "--device", "cpu"])
     err = capsys.readouterr().err.splitlines()[-1]  # (after the progress bar)
-    assert rc == 2 and err == f"error: [Errno 28] No space left on device: '{out / 'labels.pt'}'"
+    assert rc == 2 and err == f"error: [Errno 28] No space left on device: '{out / 'posterior_stds.pt'}'"
     assert os.listdir(out) == []
 
 

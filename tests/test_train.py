@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 import runs  # noqa: E402
 import train  # noqa: E402
+from mp_layers import MPConfig  # noqa: E402
 
 MODEL = "DiT-XS/8"
 # A tiny, fast run: no EMA snapshot / magnitude record except where a test asks for one.
@@ -532,16 +533,41 @@ def test_keep_checkpoints_keeps_the_newest_and_a_short_disk_warns(tmp_path, caps
                        "--results-dir", str(results)]) == 0
     assert checkpoint_steps(only_run(results)) == [4, 5]
     out = capsys.readouterr().out
-    assert "disk: about 0.3 GB to write (2 EMA snapshots (0.03 GB) and 2 checkpoint(s) (0.30 GB)); 0.0 GB free" in out
+    assert "disk: about 0.5 GB to write (2 EMA snapshots (0.03 GB) and 3 checkpoint(s) (0.44 GB)); 0.0 GB free" in out
     assert "warning: the run needs more than the 0.0 GB free" in out
     code, err = main_in_process([*FAST, "--keep-checkpoints", "-1", "--results-dir", str(results)], capsys)
     assert code == 2 and err == ["error: --keep-checkpoints must be >= 0 (0 keeps all), got -1"]
 
 
-@pytest.mark.parametrize("start, snapshots, checkpoints", [(0, 500, 2), (600, 200, 2), (950, 26, 1), (1000, 0, 0)])
+def test_resume_can_set_an_option_back_to_its_default(tmp_path):
+    """--keep-checkpoints 0 on resume turns pruning off for a run made with --keep-checkpoints 2 (an option
+    given with its default value is still given), and a run-defining option given with its default
+    value is a conflict when the run used another."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "0000002.pt").write_bytes(b"")
+    args = train.fill_defaults(train.build_parser().parse_args([*FAST, "--keep-checkpoints", "2", "--lr", "1e-2"]))
+    (run / "config.json").write_text(json.dumps({"args": vars(args), "model": MODEL, "mp": MPConfig().to_dict()}))
+    assert train.resolve_args(["--resume", str(run)])[0].keep_checkpoints == 2
+    assert train.resolve_args(["--resume", str(run), "--keep-checkpoints", "0"])[0].keep_checkpoints == 0
+    with pytest.raises(train.TrainingError, match="--lr differ"):
+        train.resolve_args(["--resume", str(run), "--lr", "1e-4"])
+
+
+def test_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
+    path = tmp_path / "fid.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "fi')
+    train.append_jsonl(str(path), {"step": 3})
+    assert runs.read_jsonl(str(path)) == [{"step": 1}, {"step": 3}]
+    train.append_jsonl(str(tmp_path / "new.jsonl"), {"step": 1})
+    assert (tmp_path / "new.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("start, snapshots, checkpoints", [(0, 500, 3), (600, 200, 2), (950, 26, 1), (1000, 0, 0)])
 def test_disk_plan_counts_the_files_still_to_write(start, snapshots, checkpoints):
     """1000 steps, snapshots of two profiles every 4 steps and at the end; checkpoints at 300, 600, 900 and
-    1000, of which 2 are kept. Snapshots are fp16, checkpoints fp32 weights + 2 Adam moments + 2 EMAs."""
+    1000, of which 2 are kept (3 at the peak: the newest is written before the oldest goes). Snapshots are
+    fp16, checkpoints fp32 weights + 2 Adam moments + 2 EMAs."""
     args = train.fill_defaults(train.build_parser().parse_args(
         ["--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2"]))
     need, account = train.disk_plan(args, n_params=1000, start_step=start)
