@@ -659,7 +659,7 @@ def plot_magnitudes_safely(run_dir: str, logger) -> None:
 def main(argv=None) -> int:
     try:
         train(argv)
-    except (TrainingError, data.DatasetError, ValueError, FileNotFoundError) as e:
+    except (TrainingError, data.DatasetError, ValueError, OSError) as e:  # OSError: unusable folders, full disks
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

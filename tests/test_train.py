@@ -539,6 +539,13 @@ def test_keep_checkpoints_keeps_the_newest_and_a_short_disk_warns(tmp_path, caps
     assert code == 2 and err == ["error: --keep-checkpoints must be >= 0 (0 keeps all), got -1"]
 
 
+def test_unusable_results_folder_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    code, err = main_in_process([*FAST, "--num-steps", "1", "--results-dir", str(tmp_path / "a-file" / "results")],
+                                capsys)
+    assert code == 2 and err == [f"error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'results'}'"]
+
+
 def test_resume_can_set_an_option_back_to_its_default(tmp_path):
     """--keep-checkpoints 0 on resume turns pruning off for a run made with --keep-checkpoints 2 (an option
     given with its default value is still given), and a run-defining option given with its default
