@@ -10,9 +10,8 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, modulate, mp_silu, mp_sum, mp_sum_weights
+from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, modulate, mp_sum, mp_sum_weights
 from mp_layers import normalize
 from mp_layers import project_forced_weights_, scaled_weights_for_step
 
@@ -222,7 +221,7 @@ class DiT(nn.Module):
         x = mp_sum(tokens, pos, 0.5) if self.mp.use_mp_residual else tokens + pos
         t_emb, y_emb = self.t_embedder(t), self.y_embedder(y)
         c = mp_sum(t_emb, y_emb, 0.5) if self.mp.use_mp_residual else t_emb + y_emb
-        c_act = mp_silu(c) if self.mp.use_mp_silu else F.silu(c)  # every modulation layer's input, computed once
+        c_act = activation(self.mp)(c)  # every modulation layer's input, computed once
         for block in self.blocks:
             x = block(x, c_act)
         x = self.final_layer(x, c_act)

@@ -153,6 +153,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
+def activation(mp: MPConfig):
+    return mp_silu if mp.use_mp_silu else F.silu
+
+
 # ----------------------------------------------------------------------------------------------------
 # Weight handling shared by the linear layer and the embedding table.
 
