@@ -8,7 +8,7 @@ python ablate.py --out-dir abl --data-path mnist --num-steps 20000 --batch-size 
 Rungs (cumulative): none; + weight normalisation; + forced WN; + MP residual, SiLU, embedding and
 positional encoding; + cosine attention; + no layer norm (all eight switches).
 
-Fair learning rates: weight-normalised layers want ~100× the lr of plain ones (DESIGN §6), so each rung
+Fair learning rates: weight-normalised layers want ~100× the lr of plain ones (docs/design.md), so each rung
 is trained at `--lr-grid` multiples of its own base (1e-4 without weight normalisation, 1e-2 with it);
 `--lr X` forces one value everywhere. The table reports the best lr of each rung (lowest FID) and the FID
 at every lr tried. Finished runs and FIDs are reused and unfinished runs resumed, so the command can be

@@ -1,4 +1,4 @@
-"""Datasets for MaP-DiT: latent folders, pixel ImageFolders and the built-in sets (DESIGN.md section 5).
+"""Datasets for MaP-DiT: latent folders, pixel ImageFolders and the built-in sets (docs/design.md, "Data").
 
 One entry point, :func:`load_dataset`, picks the kind from ``data_path``:
 

@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (EDM2, DESIGN.md section 7).
+"""Power-function EMA and post-hoc EMA reconstruction (EDM2; docs/design.md, "EMA and post-hoc reconstruction").
 
 Library
 -------
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 # sigma_rel of gamma = 0 (a uniform average over [0, t]) is sqrt(1/12) ~= 0.288675; it is the largest
-# width a power-function profile with gamma >= 0 can have (DESIGN.md rounds it to 0.2887).
+# width a power-function profile with gamma >= 0 can have (the docs round it to 0.2887).
 STD_MAX = 1.0 / math.sqrt(12.0)
 
 

@@ -1,4 +1,4 @@
-"""Gaussian diffusion with ε-prediction and learned-range variance (DiT/ADM; DESIGN §4).
+"""Gaussian diffusion with ε-prediction and learned-range variance (DiT/ADM; docs/design.md, "Diffusion").
 
 A model function is called as `model_fn(x_t, t, **model_kwargs)` and returns (B, 2C, ...): the predicted
 noise ε̂ in the first C channels and the variance interpolation v (meant to lie in [−1, 1]) in the last C.

@@ -1,4 +1,4 @@
-"""Class-conditional sampling entry point with classifier-free guidance (DESIGN §4, §8)."""
+"""Class-conditional sampling entry point with classifier-free guidance (docs/design.md, "Diffusion")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Noise schedule of the DiT/ADM Gaussian diffusion (DESIGN §4).
+"""Noise schedule of the DiT/ADM Gaussian diffusion (docs/design.md, "Diffusion").
 
 All quantities are derived once in float64 numpy from the betas. For the step loops and the loss they
 are also kept as torch tensors per device (created on first use), so a step only gathers values with

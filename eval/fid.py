@@ -1,4 +1,4 @@
-"""Fréchet Inception Distance (FID) between two image sets or precomputed statistics (DESIGN.md section 8).
+"""Fréchet Inception Distance (FID) between two image sets or precomputed statistics.
 
 Usage (from the repository root)::
 

@@ -1,4 +1,4 @@
-"""FID-10K of a trained run, with the paper's protocol as defaults (DESIGN §8).
+"""FID-10K of a trained run, with the paper's protocol as defaults.
 
 python eval/sample_fid.py --result-dir results/000-DiT-XS-2
 torchrun --nproc_per_node=8 eval/sample_fid.py --result-dir RUN --ref refs/imagenet128.npz

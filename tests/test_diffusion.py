@@ -1,6 +1,6 @@
 """Tests for diffusion/: forward process, VB loss, respacing, samplers, CFG entry point.
 
-Reference quantities are computed here from the DESIGN §4 formulas (own betas, own KL), not taken from
+Reference quantities are computed here from docs/design.md's formulas (own betas, own KL), not taken from
 the implementation. Shapes are tiny so the file runs in seconds on a slow CPU.
 """
 
@@ -50,7 +50,7 @@ def _stub_output(x):
 
 
 def _reference_model_posterior(xt, t_np):
-    """Mean and log-variance of p(x_{t−1}|x_t) for _stub_output, from the DESIGN §4 formulas."""
+    """Mean and log-variance of p(x_{t−1}|x_t) for _stub_output, from the formulas of docs/design.md, "Diffusion"."""
     nd = xt.ndim
     abar, abar_prev = ABAR[t_np], np.where(t_np > 0, ABAR[np.maximum(t_np - 1, 0)], 1.0)
     beta = BETAS[t_np]
@@ -250,7 +250,7 @@ def test_samplers_with_exact_score_recover_gaussian_data():
 # ----------------------------------------------------------------------------- CFG entry point
 
 class _StubDiT(torch.nn.Module):
-    """Stand-in for models.DiT: ε̂ depends on x and the label; forward_with_cfg guides like DESIGN §4."""
+    """Stand-in for models.DiT: ε̂ depends on x and the label; forward_with_cfg guides every ε-channel, like it."""
 
     num_classes = 5
 

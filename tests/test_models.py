@@ -9,7 +9,7 @@ from helpers import all_switch_combinations, rms, tiny_dit
 from models import MODEL_NAMES, build_model, count_parameters, patchify, sincos_pos_embed_2d, unpatchify
 from mp_layers import MPConfig, MPEmbedding, MPLinear
 
-PARAMETER_COUNTS = {  # DESIGN §3.3: (all flags off, all eight on)
+PARAMETER_COUNTS = {  # docs/design.md, "Final layer": (all flags off, all eight on)
     "DiT-XS/2": (7_608_832, 7_864_840),
     "DiT-S/4": (32_898_816, 33_282_830),
     "DiT-S/2": (32_843_520, 33_227_534),
@@ -77,7 +77,7 @@ def test_bf16_autocast_output_follows_fp32():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Magnitudes (DESIGN §2-3).
+# Magnitudes (docs/design.md, "Primitives" to "Final layer").
 
 
 def test_weight_normalized_linear_preserves_unit_rms():

@@ -322,7 +322,7 @@ def test_sample_fid_protocol_defaults_and_label_draw(fake_run, tmp_path, capsys)
     assert sample_fid.main(["--result-dir", str(run), "--num-samples", str(n), "--ref", "none", "--seed", "43",
                             "--out", str(tmp_path / "c.npz")]) == 0
     (la, kw), (lb, _), (lc, _) = fake.calls
-    # DESIGN §8: EMA σ_rel 0.05, CFG 1.5, 250 DDPM steps, seed 42
+    # the paper's FID-10K protocol: EMA σ_rel 0.05, CFG 1.5, 250 DDPM steps, seed 42
     assert (loads[0]["ema_std"], loads[0]["ckpt_step"], loads[0]["step"]) == (0.05, None, None)
     assert (kw["cfg_scale"], kw["num_steps"], kw["sampler"], kw["seed"], kw["first_index"]) == (1.5, 250, "ddpm", 42, 0)
     assert torch.equal(la, lb) and not torch.equal(la, lc)  # seeded draw

@@ -608,7 +608,7 @@ def test_seed_fixes_the_initial_weights(tmp_path, monkeypatch):
 
 
 def design_lr(s, W, D):
-    """DESIGN §6, as a multiple of the base lr."""
+    """docs/design.md, "Training": the schedule as a multiple of the base lr."""
     if s + 1 < W:
         return (s + 1) / W
     if D > 0 and s >= D:

@@ -1,0 +1,77 @@
+"""The documentation stays true to the repository: the paths it names exist, its links reach their
+files and headings, and no file points to a design document outside the repository."""
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", "benchmarks/RESULTS.md"]
+
+CODE_SPAN = re.compile(r"```.*?```|`[^`\n]+`", re.S)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+# Files a doc names without a folder: checked at the repository root. (.txt and .json are left out:
+# the run folder's log.txt and config.json are named too.)
+ROOT_FILE = re.compile(r"^[\w.-]+\.(py|sh|md|ini)$")
+
+
+def top_level_folders() -> set[str]:
+    return {name for name in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, name)) and name != ".git"}
+
+
+def named_paths(text: str) -> set[str]:
+    """Words inside code spans and code blocks that name a repository path: under one of its top-level
+    folders (`benchmarks/results/bench-cpu.md`, `eval/`), or a root file (`train.py`)."""
+    folders, paths = top_level_folders(), set()
+    for span in CODE_SPAN.findall(text):
+        for word in span.strip("`").split():
+            word = word.strip("()[],;:'\"")
+            if any(c in word for c in "<>{}*|$=") or word.startswith(("http", "-")):
+                continue
+            if word.split("/")[0] in folders or ROOT_FILE.match(word):
+                paths.add(word)
+    return paths
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        text = CODE_SPAN.sub("", f.read())
+    return {github_anchor(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_repository_path_a_doc_names_exists(doc):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        paths = named_paths(f.read())
+    assert paths, f"{doc} names no path at all: the check would prove nothing"
+    missing = sorted(p for p in paths if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, f"{doc} names paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_link_of_a_doc_reaches_its_file_and_heading(doc):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        links = LINK.findall(f.read())
+    broken = []
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue
+        target, _, anchor = link.partition("#")
+        path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target)) if target else \
+            os.path.join(ROOT, doc)
+        if not os.path.exists(path):
+            broken.append(f"{link} (no file)")
+        elif anchor and path.endswith(".md") and anchor not in anchors(path):
+            broken.append(f"{link} (no heading)")
+    assert not broken, f"{doc} has broken links: {broken}"
+
+
+def test_the_path_check_catches_a_missing_file():
+    text = "See `benchmarks/no_such_file.py`, `train.py` and `python eval/fid.py A B`; `results/000/log.txt`."
+    assert named_paths(text) == {"benchmarks/no_such_file.py", "train.py", "eval/fid.py"}
+    assert github_anchor("Ablation on the CPU (small budget)") == "ablation-on-the-cpu-small-budget"
