@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader, or a crash at any moment, never sees half a file.
+"""Atomic file writes: a reader, or a crash at any moment, never sees half a file; and the checked read
+of what they wrote (`load_torch_file`), which names a damaged or untrusted file in one line.
 
 The data goes to a temporary file in the target's folder (the same file system), is flushed to disk,
 and is renamed over the target with `os.replace`, which is atomic. A failed write removes its temporary
@@ -9,8 +10,12 @@ matplotlib) or append an extension (numpy's savez) need the right one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from typing import Iterator
 
 
@@ -22,9 +27,19 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
     target name has none, or ".npz" for np.savez."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # "File exists" would not say which file is in the way
+        blocker = folder
+        while not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        raise NotADirectoryError(errno.ENOTDIR, "a file stands where a folder should be", blocker) from None
     suffix = os.path.splitext(path)[1] if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path)[:64] + ".", suffix=".tmp" + suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(path), suffix=".tmp" + suffix)
+    except OSError as e:  # e.g. a read-only folder: name the file the user asked for, not the temporary
+        e.filename = path
+        raise
     os.close(fd)
     try:
         yield tmp
@@ -35,8 +50,8 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
-            e.filename = path  # a failed write names no file: name the target ("[Errno 28] ...: 'path'")
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            e.filename = path  # name the target ("[Errno 28] ...: 'path'"), never the temporary
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every system)
         fd = os.open(folder, os.O_RDONLY)
@@ -44,6 +59,14 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def temp_prefix(path) -> str:
+    """How the temporary files of writes to `path` begin: "." + the target's name + "."."""
+    return "." + os.path.basename(os.fspath(path))[:64] + "."
+
+
+TEMP_RE = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")  # the names atomic_path gives its temporaries
 
 
 def _umask() -> int:
@@ -77,3 +100,32 @@ def atomic_torch_save(obj, path) -> None:
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be used: empty, cut short, not in torch's format, or not trusted."""
+
+
+def load_torch_file(path, what: str = "file"):
+    """`torch.load(path, weights_only=True)` onto the CPU. A file that cannot be read raises DamagedFileError
+    with one line naming it and saying why; `what` ("checkpoint", "EMA snapshot") names its kind."""
+    import torch
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled objects other than tensors and plain containers: they could run code.
+        raise DamagedFileError(f"{path} is not a trusted {what}: it holds Python objects that are not tensors, "
+                               f"which are never loaded (unpickling them could run code); use a {what} written "
+                               f"by this project") from None
+    except OSError:
+        raise  # missing or unreadable: the OSError names the file
+    except Exception as e:  # noqa: BLE001 - torch reports a cut file as RuntimeError, EOFError, KeyError ...
+        size = os.path.getsize(path)
+        reason = "empty" if size == 0 else f"{size} bytes, cut short or not a torch file"
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise DamagedFileError(f"{what} {path} is damaged ({reason}: {detail}); delete it, or restore it from "
+                               f"a copy") from None

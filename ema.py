@@ -41,7 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from atomic import atomic_torch_save  # noqa: F401  (part of this module's API)
+from atomic import atomic_torch_save, load_torch_file  # atomic_torch_save is part of this module's API
 
 __all__ = [
     "STD_MAX",
@@ -403,9 +403,10 @@ def reconstruct_emas(
     accs: Optional[List[List[torch.Tensor]]] = None
     names: Optional[List[str]] = None
     for i, (path, std, st) in enumerate(used):
-        snap = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(snap, dict) or "state" not in snap:
-            raise ValueError(f"not an EMA snapshot: {path}")
+        snap = load_torch_file(path, "EMA snapshot")  # a damaged file: one line naming it
+        if not (isinstance(snap, dict) and isinstance(snap.get("state"), dict)
+                and all(isinstance(t, torch.Tensor) for t in snap["state"].values())):
+            raise ValueError(f"not an EMA snapshot (no 'state' of tensors): {path}")
         if int(snap.get("step", st)) != st or not math.isclose(float(snap.get("std", std)), std, rel_tol=1e-6):
             raise ValueError(
                 f"snapshot {os.path.basename(path)} holds sigma_rel {snap.get('std')} step {snap.get('step')}, "
@@ -420,6 +421,8 @@ def reconstruct_emas(
             ]
         elif set(state.keys()) != set(names):
             raise ValueError(f"snapshot {os.path.basename(path)} has different parameter names than the others")
+        elif any(state[n].shape != a.shape for n, a in zip(names, accs[0])):
+            raise ValueError(f"snapshot {os.path.basename(path)} has different tensor shapes than the others")
         vals = [state[n].to(device=device, dtype=torch.float32) for n in names]
         for k in range(len(target_stds)):
             torch._foreach_add_(accs[k], vals, alpha=float(X[i, k]))
@@ -482,6 +485,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = " ".join(str(e).split())
         sys.stderr.write(f"error: {msg}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted (Ctrl-C); the files already written are whole\n")
+        return 130
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -46,10 +47,30 @@ def plot_loss(run_dir: str, out: str | None = None) -> str | None:
     return plot_loss_curves([path], [None], out or os.path.join(run_dir, "loss.png"), title=run_label(run_dir))
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_records(path: str, fields: dict[str, str]) -> list[dict]:
+    """The records of a JSON-lines log, each checked to have `fields` ({name: "number" or "list"}: a list of
+    finite numbers as long as the first record's); a record that has not is a ValueError naming its line."""
+    records = read_jsonl(path)
+    for i, r in enumerate(records):
+        for name, kind in fields.items():
+            v = r.get(name)
+            ok = (_is_number(v) if kind == "number" else
+                  isinstance(v, list) and len(v) == len(records[0].get(name) or []) > 0 and all(map(_is_number, v)))
+            if not ok:
+                raise ValueError(f"{path}: record {i + 1} has no valid {name!r} (a {kind} of finite numbers, "
+                                 f"as train.py writes); delete that line or the file")
+    return records
+
+
 def plot_magnitudes(run_dirs: list[str], out: str) -> str:
     """One column per run: activation RMS leaving each block (top), and the RMS of each block's weights
     relative to its first record (bottom: 1 = unchanged, so plain and normalised weights compare)."""
-    runs = [(d, read_jsonl(os.path.join(d, "magnitudes.jsonl"))) for d in run_dirs]
+    fields = {"step": "number", "act_rms": "list", "weight_rms": "list"}
+    runs = [(d, read_records(os.path.join(d, "magnitudes.jsonl"), fields)) for d in run_dirs]
     missing = [d for d, records in runs if not records]
     if missing:
         raise FileNotFoundError(f"no magnitudes.jsonl records in {', '.join(missing)}")
@@ -62,7 +83,7 @@ def plot_magnitudes(run_dirs: list[str], out: str) -> str:
                                  ("weight_rms", 1, "weight RMS of block / at first record")):
             ax = axes[row, col]
             for b in range(depth):
-                first = records[0][key][b] if row == 1 else 1.0
+                first = (records[0][key][b] or 1.0) if row == 1 else 1.0  # (a block without weights: RMS 0)
                 ax.plot(steps, [r[key][b] / first for r in records], color=colors[b], lw=1.2, label=f"block {b + 1}")
             ax.set_ylabel(ylabel)
             ax.set_yscale("log" if row == 0 else "linear")
@@ -84,7 +105,7 @@ def plot_loss_curves(metrics_files: list[str], labels: list[str | None], out: st
     """Loss curves of several metrics.jsonl files in one picture (e.g. fp32 vs bf16)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for path, label in zip(metrics_files, labels):
-        records = read_jsonl(path)
+        records = read_records(path, {"step": "number", "loss": "number"})
         if not records:
             raise FileNotFoundError(f"no records in {path}")
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2, label=label)
@@ -118,9 +139,12 @@ def main(argv=None) -> int:
             if not os.path.isdir(run):
                 raise FileNotFoundError(f"run folder not found: {run}")
         print(f"wrote {plot_magnitudes(args.runs, args.out)}")
-    except FileNotFoundError as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, an unwritable --out, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

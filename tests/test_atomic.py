@@ -83,3 +83,52 @@ def test_other_os_errors_keep_their_type_and_message(tmp_path):
         with atomic_path(tmp_path / "a.txt"):
             raise TimeoutError("slow disk")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_error_that_names_the_temporary_names_the_target_instead(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+    target = tmp_path / "loss.png"
+    with pytest.raises(OSError) as info:  # a writer (PIL, torch) failing on the file it was given
+        with atomic_path(target) as tmp:
+            raise OSError(errno.EIO, "Input/output error", tmp)
+    assert str(info.value) == f"[Errno 5] Input/output error: '{target}'"
+
+    def no_room_for_a_temporary(dir, prefix, suffix):  # e.g. a read-only folder, or no inodes left
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x1y2" + suffix))
+    monkeypatch.setattr(tempfile, "mkstemp", no_room_for_a_temporary)
+    with pytest.raises(PermissionError) as info:
+        atomic_write_text(target, "x")
+    assert str(info.value) == f"[Errno 13] Permission denied: '{target}'"
+
+
+def _malicious(path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+    torch.save({"model": RunsCode()}, path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: os.truncate(p, os.path.getsize(p) // 2), r"^checkpoint .*0000020.pt is damaged \(\d+ bytes, cut short"),
+    (lambda p: os.truncate(p, 0), r"^checkpoint .*0000020.pt is damaged \(empty"),
+    (_malicious, r"^.*0000020.pt is not a trusted checkpoint: .*could run code"),
+])
+def test_load_torch_file_names_a_damaged_or_untrusted_file_in_one_line(tmp_path, damage, message):
+    from atomic import DamagedFileError, load_torch_file
+    path = tmp_path / "0000020.pt"
+    atomic_torch_save({"w": torch.arange(1000.0)}, path)
+    assert torch.equal(load_torch_file(path, "checkpoint")["w"], torch.arange(1000.0))
+    damage(path)
+    # before: RuntimeError ("PytorchStreamReader failed ..."), EOFError, or UnpicklingError telling the user
+    # to retry with weights_only=False
+    with pytest.raises(DamagedFileError, match=message) as info:
+        load_torch_file(path, "checkpoint")
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_a_file_where_the_folder_should_be_is_named_as_such(tmp_path):
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(NotADirectoryError) as info:  # before: FileExistsError "File exists"
+        atomic_write_text(tmp_path / "results" / "config.json", "{}")
+    assert str(info.value) == f"[Errno 20] a file stands where a folder should be: '{tmp_path / 'results'}'"

@@ -351,3 +351,44 @@ def test_cli_full_disk_is_one_error_line_and_no_file(trajectory, tmp_path, capsy
     target = out / "posthoc-0.050-0002000.pt"
     assert rc == 2 and err == f"error: [Errno 28] No space left on device: '{target}'\n"
     assert os.listdir(out) == []  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. damaged snapshots: one line naming the file
+
+
+def damaged_copy(trajectory, tmp_path, damage):
+    """A copy of the trajectory's run whose last 0.05 snapshot is damaged by `damage(path)`."""
+    import shutil
+    d, _, _, _ = trajectory
+    run = tmp_path / "run"
+    shutil.copytree(os.path.dirname(d), run)
+    victim = run / "ema" / "ema-0.050-0002000.pt"
+    damage(victim)
+    return run, victim
+
+
+def truncate_half(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def make_empty(path):
+    os.truncate(path, 0)
+
+
+def make_malicious(path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+    torch.save({"std": 0.05, "step": 2000, "state": RunsCode()}, path)
+
+
+@pytest.mark.parametrize("damage, needle", [(truncate_half, "is damaged"), (make_empty, "is damaged (empty"),
+                                            (make_malicious, "is not a trusted EMA snapshot")])
+def test_cli_names_a_damaged_snapshot_in_one_line(trajectory, tmp_path, capsys, damage, needle):
+    run, victim = damaged_copy(trajectory, tmp_path, damage)
+    # before: RuntimeError / EOFError / UnpicklingError ("retry with weights_only=False") tracebacks
+    rc, out, err = run_main(["--result-dir", str(run), "--ema-std", "0.05", "--out", str(tmp_path / "ph")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert needle in err and str(victim) in err and "weights_only" not in err
+    assert not os.path.exists(tmp_path / "ph")
