@@ -256,6 +256,13 @@ def _check_labels(labels: torch.Tensor, num_classes: int | None, where: str) -> 
             raise DatasetError(f"{where} has label {hi} >= num_classes={num_classes}; "
                                f"pass --num-classes {hi + 1} or more")
         return int(num_classes)
+    # One stray label (10**6 in a 10-class set) would build a model with a million class embeddings, most
+    # never trained: ask for the count explicitly when more than half of the classes would never occur.
+    distinct = int(labels.unique().numel())
+    if hi + 1 > 2 * distinct:
+        raise DatasetError(f"{where} has labels up to {hi} but only {distinct} distinct values, so most of the "
+                           f"{hi + 1} classes would never occur (a stray label?); fix the labels, or pass "
+                           f"--num-classes {hi + 1} to train with that many classes")
     return hi + 1
 
 
@@ -314,6 +321,11 @@ class LatentDataset(_Base):
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
             raise DatasetError(f"latent folder {path}: labels.pt must hold a 1-D integer tensor, got "
                                f"{labels.dtype} {tuple(labels.shape)}")
+        for fn, t in (("posterior_means.pt", self.means), ("posterior_stds.pt", self.stds)):
+            bad = _first_non_finite(t)
+            if bad is not None:  # found now, not as a "non-finite loss" blamed on the learning rate
+                raise DatasetError(f"latent folder {path}: {fn} holds non-finite values (NaN or inf, first in "
+                                   f"item {bad}); the data are damaged: re-run prepare_latents.py")
         n_mu, n_sd, n_y = self.means.shape[0], self.stds.shape[0], labels.shape[0]
         if not n_mu == n_sd == n_y:
             raise DatasetError(f"latent folder {path}: mismatched lengths, posterior_means.pt has {n_mu} items, "
@@ -444,6 +456,16 @@ def _load_tensor(folder: str, fn: str):
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes a one-line DatasetError
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise DatasetError(f"latent folder {folder}: cannot load {fn} ({msg}); re-run prepare_latents.py") from e
+
+
+def _first_non_finite(t: torch.Tensor, chunk: int = 4096) -> int | None:
+    """Index of the first item of `t` holding a NaN or inf, or None; in chunks (a memory-mapped set stays
+    out of memory)."""
+    for start in range(0, t.shape[0], chunk):
+        finite = torch.isfinite(t[start:start + chunk]).flatten(1).all(1)
+        if not bool(finite.all()):
+            return start + int((~finite).nonzero()[0])
+    return None
 
 
 def _read_meta(folder: str) -> dict:
@@ -604,6 +626,8 @@ def _load_mnist(split: str, image_size: int | None, num_classes: int | None) -> 
 def load_dataset(data_path: str | os.PathLike | None, *, image_size: int | None = None,
                  num_classes: int | None = None) -> _Base:
     """Load a dataset by path or built-in name (see the module docstring). Raises :class:`DatasetError`."""
+    if image_size is not None and int(image_size) <= 0:  # (0 would fall back to a built-in's default size)
+        raise DatasetError(f"--image-size must be positive, got {image_size}")
     if data_path is None or str(data_path) == "digits":
         return _load_digits(image_size, num_classes)
     spec = str(data_path)

@@ -293,3 +293,32 @@ def test_load_vae_errors(tmp_path, monkeypatch):
         D.load_vae(str(tmp_path / "novae"), "cpu")
     with pytest.raises(D.DatasetError, match="cannot load VAE"):
         D.load_vae("nobody-xyz/not-a-cached-vae", "cpu")
+
+
+def test_a_stray_label_far_above_the_others_needs_an_explicit_class_count(tmp_path):
+    # before: one label of 10**6 silently built a 1,000,001-class model (263M parameters for DiT-XS/2)
+    _write_latents(tmp_path / "stray", labels=torch.tensor([0, 1, 2, 0, 1, 10 ** 6]))
+    with pytest.raises(D.DatasetError, match=r"labels up to 1000000 but only 4 distinct values.*"
+                                             r"pass --num-classes 1000001"):
+        D.load_dataset(str(tmp_path / "stray"))
+    assert D.load_dataset(str(tmp_path / "stray"), num_classes=10 ** 6 + 1).num_classes == 10 ** 6 + 1
+    _write_latents(tmp_path / "gaps", labels=torch.tensor([0, 1, 2, 4, 5, 0]))  # a few unused classes: fine
+    assert D.load_dataset(str(tmp_path / "gaps")).num_classes == 6
+
+
+@pytest.mark.parametrize("which", ["posterior_means.pt", "posterior_stds.pt"])
+def test_non_finite_latents_are_refused_when_loaded(tmp_path, which):
+    # before: training stopped at a "non-finite loss" and advised lowering --lr
+    means, stds, _ = _write_latents(tmp_path / "nan")
+    t = (means if which == "posterior_means.pt" else stds).clone()
+    t[4, 1, 2, 3] = float("nan") if which == "posterior_means.pt" else float("inf")
+    torch.save(t, tmp_path / "nan" / which)
+    with pytest.raises(D.DatasetError, match=f"{which} holds non-finite values .*first in item 4"):
+        D.load_dataset(str(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("size", [0, -4])
+def test_image_size_zero_or_negative_is_refused(size):
+    # before: 0 trained the built-ins at their default 16 while config.json said 0; -4 was a traceback
+    with pytest.raises(D.DatasetError, match=f"--image-size must be positive, got {size}"):
+        D.load_dataset("digits", image_size=size)
