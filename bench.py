@@ -46,7 +46,7 @@ from diffusion import create_diffusion
 from ema import PowerEMA
 from models import MODEL_NAMES, build_model
 from mp_layers import MPConfig
-from train import COMPILE_MODES, compile_model, configure_precision, make_optimizer, training_step
+from training import COMPILE_MODES, compile_model, configure_precision, make_optimizer, training_step
 
 NUM_CLASSES = 1000
 EMA_STDS = (0.05, 0.10)

@@ -1,13 +1,26 @@
-"""Reading run folders written by train.py: config, checkpoints, and the model with chosen weights."""
+"""The run folder: creating it, its logs, its checkpoints (write, read, list, prune), its config, and
+loading its model with chosen weights.
+
+A run folder `RESULTS/NNN-DiT-XS-2/` holds config.json (everything needed to rebuild the model and the
+data normalisation), log.txt, metrics.jsonl, magnitudes.jsonl, checkpoints/NNNNNNN.pt, ema/ snapshots
+and PNGs of the loss and the magnitudes. Global rank 0 writes it; every write is atomic (write, then
+rename) or an append of whole lines, so a crash or a full disk at any moment leaves a folder to resume.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import re
+import shutil
+import sys
 
 import torch
+import torch.distributed as dist
 
-from atomic import DamagedFileError, load_torch_file
+from atomic import DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file
 from ema import reconstruct_ema
 from models import DiT, build_model
 from mp_layers import MPConfig
@@ -50,6 +63,25 @@ CONFIG_KEYS = {"args": dict, "model": str, "mp": dict, "data": dict, "num_classe
                "input_size": int}
 CHECKPOINT_KEYS = {"model": dict, "ema": dict, "opt": dict, "lr_scheduler": dict, "step": int, "rng": dict,
                    "args": dict}
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """One JSON record per line. After a line cut short (a crash or a full disk mid-append) it starts a new
+    line, so that only the cut line is lost (read_jsonl skips it)."""
+    with open(path, "ab+") as f:
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop records after `last_step` (written after the checkpoint we resume from), and a last line cut
+    short by the interruption."""
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def load_run_config(run_dir: str) -> dict:
@@ -131,3 +163,175 @@ def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int
         source = f"the EMA snapshots in {os.path.join(run_dir, 'ema')}"
     load_weights(model, state, source)
     return model.to(device).eval(), config, what
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a run folder (train.py).
+
+
+def create_run_dir(results_dir: str, model_name: str) -> str:
+    """A new folder RESULTS/NNN-MODEL with the next free index NNN."""
+    os.makedirs(results_dir, exist_ok=True)
+    existing = [int(m.group(1)) for m in (re.match(r"^(\d{3,})-", d) for d in os.listdir(results_dir)) if m]
+    index = max(existing, default=-1) + 1
+    while True:  # another process may create the same index at the same moment
+        path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def new_config(args, mp: MPConfig, dataset, world_size: int) -> dict:
+    """config.json of a new run: its options, and what rebuilds its model and its data normalisation."""
+    return {"args": vars(args), "model": args.model, "mp": mp.to_dict(), "data": dataset.describe(),
+            "num_classes": dataset.num_classes, "in_channels": dataset.channels, "input_size": dataset.resolution,
+            "world_size": world_size, "torch": torch.__version__}
+
+
+def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
+    """The "train" logger: stdout and RUN/log.txt on rank 0, silent elsewhere."""
+    logger = logging.getLogger("train")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir:
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "log.txt")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def saves_between(start: int, end: int, every: int) -> int:
+    """How many of the steps start+1 .. end write a file that is written every `every` steps and at `end`."""
+    return end // every - start // every + (1 if end % every else 0) if end > start else 0
+
+
+def disk_plan(args, n_params: int, start_step: int) -> tuple[int, str]:
+    """About how many bytes the steps after `start_step` add to the run folder, and an account of them:
+    fp16 EMA snapshots (one per tracked σ_rel) and fp32 checkpoints (weights, Adam's two moments, EMAs)."""
+    n_snapshots = saves_between(start_step, args.num_steps, args.ema_snapshot_every) * len(args.ema_stds)
+    n_checkpoints = saves_between(start_step, args.num_steps, args.ckpt_every)
+    if args.keep_checkpoints:  # the newest is written before the oldest is removed
+        n_checkpoints = min(n_checkpoints, args.keep_checkpoints + 1)
+    snapshot_bytes = n_snapshots * n_params * 2
+    checkpoint_bytes = n_checkpoints * n_params * 4 * (3 + len(args.ema_stds))
+    account = (f"{n_snapshots} EMA snapshots ({snapshot_bytes / 1e9:.2f} GB) and {n_checkpoints} checkpoint(s) "
+               f"({checkpoint_bytes / 1e9:.2f} GB)")
+    return snapshot_bytes + checkpoint_bytes, account
+
+
+class Run:
+    """A run folder open for training. Every rank holds one (with the same path); only global rank 0
+    writes, so on the other ranks the writing methods do nothing."""
+
+    def __init__(self, path: str, rank: int):
+        self.path, self.writer = path, rank == 0
+        self.logger = setup_logging(path, rank)
+
+    @classmethod
+    def create(cls, results_dir: str, model_name: str, rank: int, world_size: int) -> "Run":
+        path = create_run_dir(results_dir, model_name) if rank == 0 else None
+        if world_size > 1:  # the other ranks learn rank 0's folder
+            holder = [path]
+            dist.broadcast_object_list(holder, src=0)
+            path = holder[0]
+        return cls(path, rank)
+
+    @classmethod
+    def reopen(cls, path: str, step: int, rank: int) -> "Run":
+        """The run folder resumed at `step`: its logs lose the records written after that checkpoint."""
+        run = cls(path, rank)
+        if run.writer:
+            for name in ("metrics.jsonl", "magnitudes.jsonl"):
+                truncate_jsonl(os.path.join(path, name), step)
+        return run
+
+    def log(self, message: str) -> None:
+        self.logger.info(message)
+
+    def warn(self, message: str) -> None:
+        self.logger.warning(message)
+
+    def write_config(self, config: dict) -> None:
+        if self.writer:
+            atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(config, indent=2))
+
+    def append(self, name: str, record: dict) -> None:
+        """One record appended to the jsonl log `name` (metrics.jsonl, magnitudes.jsonl)."""
+        if self.writer:
+            append_jsonl(os.path.join(self.path, name), record)
+
+    def log_metrics(self, record: dict, num_steps: int) -> None:
+        """A log line and a metrics.jsonl record of a training step."""
+        self.log(f"step {record['step']:7d}/{num_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                 f"{record['steps_per_s']:.2f} steps/s  {record['img_per_s']:.0f} img/s  "
+                 f"peak {record['peak_mem_gib']:.2f} GiB")
+        self.append("metrics.jsonl", record)
+
+    def log_disk_plan(self, args, n_params: int, start_step: int) -> None:
+        """States what the run will write, and warns when the disk is short."""
+        if not self.writer:
+            return
+        need, account = disk_plan(args, n_params, start_step)
+        free = shutil.disk_usage(self.path).free
+        self.log(f"disk: about {need / 1e9:.1f} GB to write ({account}); {free / 1e9:.1f} GB free")
+        if need > free:
+            self.warn(f"warning: the run needs more than the {free / 1e9:.1f} GB free on the disk of {self.path}; "
+                      f"raise --ema-snapshot-every or --ckpt-every, set --keep-checkpoints, or free some space")
+
+    def save_snapshots(self, ema, step: int) -> None:
+        if self.writer:
+            ema.save_snapshots(os.path.join(self.path, "ema"), step)
+
+    def save_checkpoint(self, state: dict, keep: int = 0) -> None:
+        """checkpoints/NNNNNNN.pt of state["step"], the loss plot, then (keep > 0) only the newest `keep`."""
+        if not self.writer:
+            return
+        path = os.path.join(self.path, "checkpoints", f"{state['step']:07d}.pt")
+        atomic_torch_save(state, path)
+        self.plot("loss")
+        self.log(f"saved checkpoint {path}")
+        if keep:
+            for _, old in list_checkpoints(self.path)[:-keep]:
+                os.remove(old)
+
+    def last_checkpoint(self) -> str:
+        last = list_checkpoints(self.path)
+        return f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
+
+    def plot(self, what: str) -> None:
+        """loss.png or magnitudes.png of the run; a picture never stops training."""
+        if not self.writer:
+            return
+        try:
+            import plots
+            if what == "loss":
+                plots.plot_loss(self.path)
+            else:
+                plots.plot_magnitudes([self.path], os.path.join(self.path, "magnitudes.png"))
+        except Exception as e:  # noqa: BLE001
+            self.log(f"({what} plot skipped: {e})")
+
+    @contextlib.contextmanager
+    def disk_full_is_an_error(self, step):
+        """Within the block a full disk becomes one RunError naming the step (`step()`), the file, and how
+        to go on: every file of the run folder is written atomically or appended to, so what is there is
+        whole and the run resumes from its last checkpoint."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            in_run = bool(e.filename) and os.path.abspath(e.filename).startswith(os.path.abspath(self.path) + os.sep)
+            where = f" writing {os.path.relpath(e.filename, self.path) if in_run else e.filename}" if e.filename else ""
+            advice = " (or set --keep-checkpoints / a larger --ema-snapshot-every)" if in_run else ""
+            raise RunError(f"disk full at step {step()}{where} ({e.strerror}); the run folder is intact and "
+                           f"{self.last_checkpoint()}; free some space{advice}, then --resume {self.path}") from e

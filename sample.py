@@ -24,7 +24,7 @@ from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS
 from runs import RunError, load_run_model
-from train import configure_precision
+from training import configure_precision
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
-from train import COMPILE_MODES  # noqa: E402
+from training import COMPILE_MODES  # noqa: E402
 
 
 def profile_switch_set(spec: bench.Spec, args, device: torch.device) -> dict:

@@ -30,9 +30,9 @@ from atomic import atomic_path
 from eval.fid import FIDError, fid_from_images
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
-from runs import RunError, load_run_model
+from runs import RunError, append_jsonl, load_run_model
 from sample import add_sampling_arguments, generate, precision_tag
-from train import append_jsonl, setup_distributed
+from training import setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:

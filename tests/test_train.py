@@ -6,6 +6,7 @@ CPU core at batch 8) for a handful of steps.  Real processes are started with su
 with real signals); the cheap error paths call `train.main` in this process.
 """
 import json
+import logging
 import shutil
 import os
 import signal
@@ -23,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 import runs  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 
 MODEL = "DiT-XS/8"
@@ -62,11 +64,11 @@ def only_run(results_dir):
 
 
 def checkpoint_steps(run_dir):
-    return [s for s, _ in train.list_checkpoints(run_dir)]
+    return [s for s, _ in runs.list_checkpoints(run_dir)]
 
 
 def load_ckpt(run_dir, step=None):
-    ckpts = dict(train.list_checkpoints(run_dir))
+    ckpts = dict(runs.list_checkpoints(run_dir))
     step = max(ckpts) if step is None else step
     return torch.load(ckpts[step], map_location="cpu", weights_only=True)
 
@@ -133,7 +135,7 @@ def make_latents(folder, n=24, c=4, size=8, num_classes=3, seed=0):
 def _close_train_logger():
     """In-process runs attach handlers (a log.txt file, the captured stdout) to the "train" logger."""
     yield
-    logger = train.logging.getLogger("train")
+    logger = logging.getLogger("train")
     for h in list(logger.handlers):
         h.close()
         logger.removeHandler(h)
@@ -156,16 +158,16 @@ RANK_DUMP_WRAPPER = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
     import torch, torch.distributed as dist
-    import train
+    import train, training
 
     held = {{}}
 
-    class CapturingEMA(train.PowerEMA):
+    class CapturingEMA(training.PowerEMA):
         def __init__(self, model, *args, **kwargs):
             super().__init__(model, *args, **kwargs)
             held["model"], held["ema"] = model, self
 
-    train.PowerEMA = CapturingEMA
+    training.PowerEMA = CapturingEMA
     try:
         run_dir = train.train(sys.argv[1:])
         rank = int(os.environ["RANK"])
@@ -526,7 +528,7 @@ def test_full_disk_is_one_line_error_and_the_run_resumes(tmp_path, capsys, monke
 
 
 def test_keep_checkpoints_keeps_the_newest_and_a_short_disk_warns(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
     results = tmp_path / "results"
     capsys.readouterr()
     assert train.main([*FAST, "--num-steps", "5", "--ckpt-every", "1", "--keep-checkpoints", "2",
@@ -557,16 +559,16 @@ def test_resume_can_set_an_option_back_to_its_default(tmp_path):
     (run / "config.json").write_text(json.dumps({"args": vars(args), "model": MODEL, "mp": MPConfig().to_dict()}))
     assert train.resolve_args(["--resume", str(run)])[0].keep_checkpoints == 2
     assert train.resolve_args(["--resume", str(run), "--keep-checkpoints", "0"])[0].keep_checkpoints == 0
-    with pytest.raises(train.TrainingError, match="--lr differ"):
+    with pytest.raises(training.TrainingError, match="--lr differ"):
         train.resolve_args(["--resume", str(run), "--lr", "1e-4"])
 
 
 def test_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
     path = tmp_path / "fid.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, "fi')
-    train.append_jsonl(str(path), {"step": 3})
+    runs.append_jsonl(str(path), {"step": 3})
     assert runs.read_jsonl(str(path)) == [{"step": 1}, {"step": 3}]
-    train.append_jsonl(str(tmp_path / "new.jsonl"), {"step": 1})
+    runs.append_jsonl(str(tmp_path / "new.jsonl"), {"step": 1})
     assert (tmp_path / "new.jsonl").read_text() == '{"step": 1}\n'
 
 
@@ -577,7 +579,7 @@ def test_disk_plan_counts_the_files_still_to_write(start, snapshots, checkpoints
     fp16, checkpoints fp32 weights + 2 Adam moments + 2 EMAs."""
     args = train.fill_defaults(train.build_parser().parse_args(
         ["--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2"]))
-    need, account = train.disk_plan(args, n_params=1000, start_step=start)
+    need, account = runs.disk_plan(args, n_params=1000, start_step=start)
     assert need == snapshots * 1000 * 2 + checkpoints * 1000 * 4 * 5
     assert account.startswith(f"{snapshots} EMA snapshots") and f"and {checkpoints} checkpoint(s)" in account
 
@@ -587,11 +589,11 @@ def test_seed_fixes_the_initial_weights(tmp_path, monkeypatch):
     class Built(Exception):
         pass
 
-    class CapturingEMA(train.PowerEMA):  # train() builds the EMA right after the model: stop there
+    class CapturingEMA(training.PowerEMA):  # train() builds the EMA right after the model: stop there
         def __init__(self, model, *args, **kwargs):
             raise Built({k: v.clone() for k, v in model.state_dict().items()})
 
-    monkeypatch.setattr(train, "PowerEMA", CapturingEMA)
+    monkeypatch.setattr(training, "PowerEMA", CapturingEMA)
     states = {}
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         torch.manual_seed(int(name.encode()[0]))  # whatever the global RNG held before
@@ -619,9 +621,9 @@ def design_lr(s, W, D):
 @pytest.mark.parametrize("W,D", [(10, 100), (1, 1), (0, 50), (20, 0), (0, 0), (100, 10)])
 def test_lr_factor_matches_design(W, D):
     for s in [0, 1, 4, 8, 9, 10, 11, 49, 50, 51, 99, 100, 101, 400, 10_000]:
-        assert train.lr_factor(s, W, D) == pytest.approx(design_lr(s, W, D), rel=1e-12), s
-    assert train.lr_factor(0, 10, 100) == pytest.approx(0.1)
-    assert train.lr_factor(400, 10, 100) == pytest.approx(0.5)
+        assert training.lr_factor(s, W, D) == pytest.approx(design_lr(s, W, D), rel=1e-12), s
+    assert training.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert training.lr_factor(400, 10, 100) == pytest.approx(0.5)
 
 
 def test_lr_defaults_and_logged_schedule(tmp_path):
@@ -640,17 +642,17 @@ def test_lr_defaults_and_logged_schedule(tmp_path):
 
 @pytest.mark.parametrize("n,batch", [(23, 8), (16, 4), (5, 8)])
 def test_step_sampler_batch_of_a_step_does_not_depend_on_where_it_started(n, batch):
-    full = train.StepBatchSampler(n, batch, rank=0, world_size=1, seed=3, start_step=0)
+    full = training.StepBatchSampler(n, batch, rank=0, world_size=1, seed=3, start_step=0)
     it = iter(full)
     from_zero = [next(it) for _ in range(12)]
     for s in (0, 1, 5, 11):
-        assert next(iter(train.StepBatchSampler(n, batch, 0, 1, seed=3, start_step=s))) == from_zero[s]
+        assert next(iter(training.StepBatchSampler(n, batch, 0, 1, seed=3, start_step=s))) == from_zero[s]
     # Each epoch is a permutation of the items.
     stream = [i for b in from_zero for i, _ in b]
     for e in range(len(stream) // n):
         assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
     # Different seeds give different orders; per-item seeds differ between items.
-    other = next(iter(train.StepBatchSampler(n, batch, 0, 1, seed=4, start_step=0)))
+    other = next(iter(training.StepBatchSampler(n, batch, 0, 1, seed=4, start_step=0)))
     assert other != from_zero[0]
     assert len({seed for b in from_zero for _, seed in b}) == len(stream)
 
@@ -659,8 +661,8 @@ def test_step_sampler_batch_of_a_step_does_not_depend_on_where_it_started(n, bat
 def test_step_sampler_ranks_get_disjoint_slices_of_the_global_batch(world_size):
     n, batch = 37, 8
     for start in (0, 3, 9):
-        global_batches = iter(train.StepBatchSampler(n, batch, 0, 1, seed=0, start_step=start))
-        ranks = [iter(train.StepBatchSampler(n, batch, r, world_size, seed=0, start_step=start))
+        global_batches = iter(training.StepBatchSampler(n, batch, 0, 1, seed=0, start_step=start))
+        ranks = [iter(training.StepBatchSampler(n, batch, r, world_size, seed=0, start_step=start))
                  for r in range(world_size)]
         for _ in range(6):
             g = next(global_batches)

@@ -1,0 +1,368 @@
+"""The training library: the step, the optimiser and its schedule, precision and compile, the step-indexed
+batch sampler, DDP setup, the EMA calls, and the magnitude measurement. `train.py` is its command line;
+`runs.py` owns the run folder; `bench.py` times this same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
+
+from ema import PowerEMA
+from models import DiT, build_model
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+class TrainingError(Exception):
+    """Bad input or a failed run: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser, schedule, precision, compile.
+
+
+def lr_factor(step: int, warmup: int, decay_start: int) -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based): linear warm-up, then 1/sqrt decay."""
+    if step + 1 < warmup:
+        return (step + 1) / warmup
+    if decay_start > 0 and step >= decay_start:
+        return 1 / math.sqrt(step / decay_start)
+    return 1.0
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, warmup: int, decay_start: int, device: torch.device):
+    """Adam (β = 0.9, 0.99, no weight decay; fused on CUDA) and its lr schedule (`lr_factor`)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0,
+                           fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, decay_start))
+    return opt, sched
+
+
+def configure_precision(precision: str, device: torch.device):
+    """Sets TF32 for fp32 / tf32 / bf16 and returns the context manager a forward runs under."""
+    tf32 = precision in ("tf32", "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def compile_model(model: torch.nn.Module, mode: str | None = "default") -> torch.nn.Module:
+    """torch.compile for training. With a CUDA-graph mode (reduce-overhead, max-autotune) call
+    torch.compiler.cudagraph_mark_step_begin() at the start of every step: the graphs' outputs are
+    reused buffers, and the mark tells PyTorch that the previous step's are no longer needed."""
+    return torch.compile(model, mode=None if mode in (None, "default") else mode)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------
+# The state of a run and one step.
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds: the raw model (not wrapped by DDP or compile), its EMAs, Adam, the
+    schedule, and the number of optimiser steps taken."""
+    model: DiT
+    ema: PowerEMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+
+    def state_dict(self, device: torch.device) -> dict:
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "lr_scheduler": self.sched.state_dict(), "step": self.step, "rng": rng}
+
+    def load_state_dict(self, ckpt: dict, device: torch.device) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.sched.load_state_dict(ckpt["lr_scheduler"])
+        self.step = int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
+    def weights_finite(self) -> bool:
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+
+
+def build_state(args, dataset, mp, device: torch.device) -> TrainState:
+    """The model (initial weights from --seed only, the same on every rank), its EMAs and Adam."""
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, in_channels=dataset.channels, input_size=dataset.resolution,
+                        num_classes=dataset.num_classes, mp=mp).to(device)
+    ema = PowerEMA(model, stds=tuple(args.ema_stds))
+    opt, sched = make_optimizer(model, args.lr, args.num_lin_warmup, args.start_decay, device)
+    return TrainState(model, ema, opt, sched)
+
+
+def training_step(train_model, raw_model, diffusion, opt, sched, ema, x, y, t, *, step: int, autocast,
+                  compiled: bool, grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimiser step: hybrid loss, backward, (clip,) Adam, lr schedule, forced-WN projection, EMA update.
+    `step` is the step count after this update (the EMA's t); returns the detached mean loss."""
+    if compiled:
+        torch.compiler.cudagraph_mark_step_begin()
+    with autocast():
+        loss = diffusion.training_losses(train_model, x, t, model_kwargs={"y": y})["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    raw_model.project_forced_weights_()  # forced weight normalisation, after every optimiser step
+    ema.update(raw_model, step)
+    return loss.detach()
+
+
+class LossMeter:
+    """The loss summed on this rank since the last log record and the rate since then; and the check that
+    the loss and the weights are finite before anything is saved."""
+
+    def __init__(self, state: TrainState, world_size: int, device: torch.device):
+        self.state, self.world_size, self.device = state, world_size, device
+        self.sum, self.count = torch.zeros((), device=device), 0
+        self.timer, self.timer_step = time.perf_counter(), state.step
+        self.checked_step = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.count += 1
+
+    def check_finite(self, last_checkpoint) -> None:
+        """Raises unless the loss and the weights are finite. The weights too: an update can overflow while
+        the loss it came from was finite. Once per step (logging, snapshots and checkpoints may fall on the
+        same step); `last_checkpoint()` says what the error leaves."""
+        if self.checked_step == self.state.step:
+            return
+        self.checked_step = self.state.step
+        if not (bool(torch.isfinite(self.sum).all()) and self.state.weights_finite()):
+            raise TrainingError(f"non-finite loss or weights by step {self.state.step}; stopped without saving "
+                                f"({last_checkpoint()}); lower --lr or try --grad-clip / --precision fp32")
+
+    def record(self, args, last_checkpoint) -> dict:
+        """The metrics record of this step (the mean loss over all ranks since the last one); starts the next."""
+        if self.world_size > 1:
+            dist.all_reduce(self.sum)
+        self.check_finite(last_checkpoint)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step = self.state.step
+        steps_per_s = (step - self.timer_step) / (time.perf_counter() - self.timer)
+        record = {"step": step, "loss": self.sum.item() / (self.count * self.world_size),
+                  # the lr this step used (the scheduler already holds the next step's)
+                  "lr": args.lr * lr_factor(step - 1, args.num_lin_warmup, args.start_decay),
+                  "steps_per_s": steps_per_s, "img_per_s": steps_per_s * args.batch_size,
+                  "peak_mem_gib": peak_memory_gib(self.device)}
+        self.sum.zero_()
+        self.count = 0
+        self.timer, self.timer_step = time.perf_counter(), step
+        return record
+
+
+def resume_from(state: TrainState, ckpt: dict, path: str, model_name: str, device: torch.device) -> None:
+    """Continue from checkpoint `ckpt` (read from `path`): weights, EMAs, Adam, schedule, step and RNG."""
+    if ckpt["args"]["model"] != model_name:
+        raise TrainingError(f"checkpoint {path} holds a {ckpt['args']['model']}, not {model_name}")
+    try:
+        state.load_state_dict(ckpt, device)
+    except RuntimeError as e:
+        raise TrainingError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes.
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; joins the process group when there are many."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg:
+        device = torch.device(device_arg)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def wrap_model(model: DiT, args, world_size: int, device: torch.device, warn=print) -> torch.nn.Module:
+    """The module the step calls: DDP over the ranks, then torch.compile, as asked."""
+    if world_size > 1:
+        model.batch_weight_normalization = False  # per-layer WN, so DDP overlaps its all-reduce (models.py)
+        if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+            warn(f"--compile-mode {args.compile_mode} (CUDA graphs) under DDP is untested here; "
+                           f"if it fails or is slow, use --compile alone")
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return compile_model(model, args.compile_mode) if args.compile else model
+
+
+class StopSignal:
+    """Within the block, SIGTERM and Ctrl-C ask training to stop at the end of a step (it then saves a
+    checkpoint) instead of killing it."""
+
+    def __init__(self, world_size: int, device: torch.device):
+        self.world_size, self.device, self.signal = world_size, device, None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        """Whether a signal arrived; under DDP all ranks agree every 10 steps."""
+        if self.world_size == 1:
+            return self.signal is not None
+        if step % 10:
+            return False
+        flag = torch.tensor([self.signal is not None], dtype=torch.float32, device=self.device)
+        dist.all_reduce(flag)
+        if flag.item() > 0 and self.signal is None:
+            self.signal = "from another rank"
+        return flag.item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step-indexed batch sampler.
+
+
+def mix_seed(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix64-style)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class StepBatchSampler(Sampler):
+    """Yields this rank's share of the global batch of every step from `start_step` on, forever.
+
+    The data are an endless stream of per-epoch permutations (seeded by seed and epoch); global batch s is
+    positions [s·B, (s+1)·B) of that stream, so the batch of any step is known without replaying earlier
+    ones, which makes resuming exact. Each item comes with its own seed for per-item randomness (the
+    fresh posterior sample of a latent set), so results do not depend on the number of workers.
+    """
+
+    def __init__(self, num_items: int, global_batch: int, rank: int, world_size: int, seed: int, start_step: int):
+        self.n, self.global_batch, self.seed, self.start_step = num_items, global_batch, seed, start_step
+        self.local = global_batch // world_size
+        self.offset = rank * self.local
+        self._perm_epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            batch = []
+            for pos in range(step * self.global_batch + self.offset, step * self.global_batch + self.offset + self.local):
+                epoch, i = divmod(pos, self.n)
+                batch.append((int(self._permutation(epoch)[i]), mix_seed(self.seed, pos, 2)))
+            yield batch
+            step += 1
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Wraps a dataset so that item (index, seed) is drawn with the global RNG seeded by `seed`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+def make_loader(dataset, args, rank: int, world_size: int, start_step: int, device: torch.device) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, start_step)
+    workers = args.num_workers
+    return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def step_timesteps(args, rank: int, step: int, batch: int, num_timesteps: int, device) -> torch.Tensor:
+    """The timesteps of step `step` (0-based), and the global RNG seeded for its noise and label dropout:
+    both depend on (seed, rank, step) only, so a resumed run draws what the uninterrupted one drew."""
+    torch.manual_seed(mix_seed(args.seed, rank, step, 3))
+    return torch.randint(0, num_timesteps, (batch,), device=device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Magnitudes (the paper's central picture).
+
+
+@torch.no_grad()
+def measure_magnitudes(model, probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:
+    """RMS of the activations leaving each block on a fixed probe batch, and RMS of each block's weights."""
+    x, t, y = probe
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.float().square().mean().sqrt().item()))
+             for b in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x, t, y)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    weights = []
+    for block in model.blocks:
+        params = [p for n, p in block.named_parameters() if n.endswith("weight")]
+        total = sum(p.float().square().sum() for p in params)
+        weights.append(math.sqrt(float(total) / sum(p.numel() for p in params)))
+    return {"act_rms": outputs, "weight_rms": weights}
+
+
+def make_probe(dataset, diffusion, device, num_classes: int, size: int = 16):
+    """A fixed batch of noised training items at timesteps spread over [0, 999]."""
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randperm(len(dataset), generator=g)[:size]
+    torch.manual_seed(4321)
+    items = [dataset[int(i)] for i in idx]  # one read per item (latent sets draw a fresh sample per read)
+    x0 = torch.stack([item[0] for item in items])
+    t = torch.linspace(0, 999, len(idx)).long()
+    x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    y = torch.stack([torch.as_tensor(item[1]) for item in items]).long().clamp(max=num_classes - 1)
+    return x.to(device), t.to(device), y.to(device)
