@@ -556,7 +556,8 @@ def test_resume_can_set_an_option_back_to_its_default(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "0000002.pt").write_bytes(b"")
     args = train.fill_defaults(train.build_parser().parse_args([*FAST, "--keep-checkpoints", "2", "--lr", "1e-2"]))
-    (run / "config.json").write_text(json.dumps({"args": vars(args), "model": MODEL, "mp": MPConfig().to_dict()}))
+    (run / "config.json").write_text(json.dumps({"args": vars(args), "model": MODEL, "mp": MPConfig().to_dict(),
+                                                 "data": {}, "num_classes": 10, "in_channels": 1, "input_size": 16}))
     assert train.resolve_args(["--resume", str(run)])[0].keep_checkpoints == 2
     assert train.resolve_args(["--resume", str(run), "--keep-checkpoints", "0"])[0].keep_checkpoints == 0
     with pytest.raises(training.TrainingError, match="--lr differ"):
