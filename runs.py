@@ -16,11 +16,12 @@ import os
 import re
 import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
-from atomic import DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file
+from atomic import TEMP_RE, DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file, temp_prefix
 from ema import reconstruct_ema
 from models import DiT, build_model
 from mp_layers import MPConfig
@@ -59,8 +60,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 # What train.py writes into config.json and into every checkpoint (and what readers rely on).
-CONFIG_KEYS = {"args": dict, "model": str, "mp": dict, "data": dict, "num_classes": int, "in_channels": int,
-               "input_size": int}
+CONFIG_KEYS = {"args": dict, "model": str, "mp": dict}  # what resuming needs; rebuilding the model needs more:
+MODEL_KEYS = {"data": dict, "num_classes": int, "in_channels": int, "input_size": int}
 CHECKPOINT_KEYS = {"model": dict, "ema": dict, "opt": dict, "lr_scheduler": dict, "step": int, "rng": dict,
                    "args": dict}
 
@@ -149,6 +150,8 @@ def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int
     Returns (model, config, a short description of the weights).
     """
     config = load_run_config(run_dir)
+    _check_keys(config, MODEL_KEYS, f"{os.path.join(run_dir, 'config.json')} is not a train.py run config",
+                "restore the file train.py wrote")
     model = model_from_config(config)
     if ckpt_step is not None:
         checkpoints = dict(list_checkpoints(run_dir))
@@ -237,8 +240,13 @@ class Run:
         self.logger = setup_logging(path, rank)
 
     @classmethod
-    def create(cls, results_dir: str, model_name: str, rank: int, world_size: int) -> "Run":
-        path = create_run_dir(results_dir, model_name) if rank == 0 else None
+    def create(cls, results_dir: str, model_name: str, rank: int, world_size: int, lock: RunLock) -> "Run":
+        """A new run folder, locked by `lock` (on rank 0)."""
+        path = None
+        if rank == 0:
+            path = create_run_dir(results_dir, model_name)
+            lock.take(path)
+            lock.name_holder()
         if world_size > 1:  # the other ranks learn rank 0's folder
             holder = [path]
             dist.broadcast_object_list(holder, src=0)
@@ -246,10 +254,15 @@ class Run:
         return cls(path, rank)
 
     @classmethod
-    def reopen(cls, path: str, step: int, rank: int) -> "Run":
-        """The run folder resumed at `step`: its logs lose the records written after that checkpoint."""
+    def reopen(cls, path: str, step: int, rank: int, lock: RunLock) -> "Run":
+        """The run folder resumed at `step`, already locked by `lock` (on rank 0): the temporary files of
+        writes a kill interrupted are removed, and the logs lose the records written after that checkpoint."""
         run = cls(path, rank)
         if run.writer:
+            lock.name_holder()
+            removed, freed = remove_stale_temporaries(path)
+            if removed:
+                run.log(f"removed {removed} temporary file(s) ({freed / 1e6:.1f} MB) of interrupted writes")
             for name in ("metrics.jsonl", "magnitudes.jsonl"):
                 truncate_jsonl(os.path.join(path, name), step)
         return run
@@ -335,3 +348,86 @@ class Run:
             advice = " (or set --keep-checkpoints / a larger --ema-snapshot-every)" if in_run else ""
             raise RunError(f"disk full at step {step()}{where} ({e.strerror}); the run folder is intact and "
                            f"{self.last_checkpoint()}; free some space{advice}, then --resume {self.path}") from e
+# One writer per run folder, and what a killed writer left behind.
+
+LOCK_FILE = ".lock"
+# train.py's own files at the top of the run folder (the other writers, sample.py and ema.py, write to
+# sub-folders of their own).
+TRAIN_FILES = ("config.json", "metrics.jsonl", "magnitudes.jsonl", "loss.png", "magnitudes.png")
+
+
+class RunLock:
+    """The one writer of a run folder: an exclusive lock (flock) on RUN/.lock. The kernel releases it when
+    the process ends in any way, kill -9 included, so it never stays stuck. A second writer gets a RunError
+    naming the holder (the lock file holds its pid and host). `RunLock()` holds nothing until `take`."""
+
+    def __init__(self, run_dir: str | None = None):
+        self.fd = None
+        if run_dir is not None:
+            self.take(run_dir)
+
+    def take(self, run_dir: str) -> None:
+        import fcntl
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(f"{run_dir} is in use by {holder}; a run folder has one writer: wait for that "
+                           f"process to end (or stop it), then resume") from None
+        self.fd = fd
+
+    def name_holder(self) -> None:
+        """Write this process (pid, host, since when) into the lock file, for the error a second writer gets."""
+        import socket
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_temporaries(run_dir: str) -> tuple[int, int]:
+    """Remove the temporary files of interrupted writes (a kill -9 in the middle of a checkpoint leaves one,
+    of its full size) from checkpoints/, ema/ and train.py's own files. Call it holding the run's lock: then
+    no live process is writing them. Returns (files removed, bytes freed)."""
+    found = []
+    for sub in ("checkpoints", "ema"):
+        folder = os.path.join(run_dir, sub)
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, f) for f in os.listdir(folder) if TEMP_RE.match(f)]
+    prefixes = tuple(temp_prefix(name) for name in TRAIN_FILES)
+    found += [os.path.join(run_dir, f) for f in os.listdir(run_dir) if TEMP_RE.match(f) and f.startswith(prefixes)]
+    freed = 0
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):
+            size = os.path.getsize(path)
+            os.remove(path)
+            freed += size
+    return len(found), freed
+
+
+def newest_intact_checkpoint(run_dir: str) -> tuple[str, dict, list[str]]:
+    """(path, contents) of the newest checkpoint of the run that loads, and why each newer one was skipped
+    (damaged, untrusted, incomplete: one line each). RunError if none loads."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, read_checkpoint(path), skipped
+        except DamagedFileError as e:
+            skipped.append(str(e))
+    if not skipped:
+        raise RunError(f"{run_dir} has no checkpoint to resume from (checkpoints/NNNNNNN.pt)")
+    older = f" (and the {len(skipped) - 1} older one(s))" if len(skipped) > 1 else ""
+    raise RunError(f"no checkpoint of {run_dir} loads: {skipped[0]}{older}")

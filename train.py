@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -40,8 +41,25 @@ RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_sn
 # Command line.
 
 
+EXIT_CODES = """exit status:
+  0        the run reached --num-steps
+  2        bad input, or the run failed (one "error:" line says why and what to do)
+  130, 143 interrupted by Ctrl-C (SIGINT) or SIGTERM: a checkpoint of the last step was saved first
+           (unless it came during start-up); continue with --resume RUN_DIR
+"""
+
+
+class Interrupted(Exception):
+    """A signal stopped the run after it saved a checkpoint; `code` is the exit status (128 + the signal)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default="digits",
                    help="latent folder, ImageFolder, or a built-in set: digits (default), mnist")
     p.add_argument("--image-size", type=int, default=None, help="resolution of an ImageFolder (pixel space)")
@@ -93,10 +111,22 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Every option checked before anything is loaded or written."""
     positive = ["num_steps", "batch_size", "log_every", "ckpt_every", "ema_snapshot_every", "magnitude_every"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in positive + ["image_size", "num_classes"]:
+        value = getattr(args, name)
+        if value is not None and value <= 0:  # (image_size and num_classes may be left to the data)
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.num_workers < 0:
+        raise TrainingError(f"--num-workers must be >= 0 (0 loads in this process), got {args.num_workers}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        raise TrainingError(f"--grad-clip must be a finite number >= 0 (0 = off), got {args.grad_clip}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise TrainingError(f"--seed must be in 0 .. 2**63 - 1, got {args.seed}")
+    if len(set(args.ema_stds)) != len(args.ema_stds):
+        raise TrainingError(f"--ema-stds has a duplicate value: {args.ema_stds}")
+    if not args.resume and os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
+        raise TrainingError(f"--results-dir {args.results_dir} is a file; pass a folder (created if missing)")
     if getattr(args, "compile_mode", None) and not args.compile:
         raise TrainingError(f"--compile-mode {args.compile_mode} needs --compile; add --compile")
     if args.keep_checkpoints < 0:
@@ -138,6 +168,10 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
         raise TrainingError(f"{run_dir} has no checkpoint to resume from (checkpoints/NNNNNNN.pt); "
                             f"start a new run instead")
     saved = config["args"]
+    missing = [k for k in ("model", "data_path", "batch_size", "lr", "seed", "num_steps") if k not in saved]
+    if missing:
+        raise TrainingError(f"{os.path.join(run_dir, 'config.json')} lacks the option(s) {', '.join(missing)} of "
+                            f"the run; restore the file train.py wrote")
     explicit = given_options(argv)
     conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k)
                  and not (k in MPConfig.switch_names() + ["use_all_mp"])]
@@ -162,67 +196,78 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
 
 
 def train(argv=None) -> str:
-    """Setup, resume, loop. Returns the run folder."""
+    """Setup, resume, loop. Returns the run folder; raises Interrupted when a signal stopped it (after saving)."""
     args, resumed_config = resolve_args(argv)
     rank, world_size, device = training.setup_distributed(args.device)
     check_args(args, world_size)
-    mp = MPConfig.from_args(args) if resumed_config is None else MPConfig.from_dict(resumed_config["mp"])
-    autocast = training.configure_precision(args.precision, device)
-    if device.type == "cpu":
-        # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
-        # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
-        torch.set_flush_denormal(True)
-    dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes)
-    state = training.build_state(args, dataset, mp, device)
-    if args.resume:
-        path = runs.list_checkpoints(args.resume)[-1][1]
-        training.resume_from(state, runs.read_checkpoint(path), path, args.model, device)
+    # One writer per run folder: a resume takes the lock before it loads a checkpoint, a new run on creation.
+    with runs.RunLock(args.resume if args.resume and rank == 0 else None) as lock:
+        mp = MPConfig.from_args(args) if resumed_config is None else MPConfig.from_dict(resumed_config["mp"])
+        autocast = training.configure_precision(args.precision, device)
+        if device.type == "cpu":
+            # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
+            # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
+            torch.set_flush_denormal(True)
+        dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes)
+        state = training.build_state(args, dataset, mp, device)
+        notes = []  # said once the run folder's log exists
+        if args.resume:
+            path, ckpt, skipped = runs.newest_intact_checkpoint(args.resume)
+            notes += [f"warning: skipped a checkpoint that does not load: {why}" for why in skipped]
+            training.resume_from(state, ckpt, path, args.model, device)
+            del ckpt
+        model = training.wrap_model(state.model, args, world_size, device, notes.append)
+        diffusion = create_diffusion("")
+        batches = iter(training.make_loader(dataset, args, rank, world_size, state.step, device))
+        probe = training.make_probe(dataset, diffusion, device, dataset.num_classes) if rank == 0 else None
 
-    # Everything is validated: now (and only now) create or reopen the run folder.
-    if args.resume:
-        run = runs.Run.reopen(args.resume, state.step, rank)
-        run.log(f"resuming {run.path} from step {state.step}")
-    else:
-        run = runs.Run.create(args.results_dir, args.model, rank, world_size)
-        run.write_config(runs.new_config(args, mp, dataset, world_size))
-        run.log(f"run folder {run.path}")
-    n_params = sum(p.numel() for p in state.model.parameters())
-    run.log(f"{args.model}: {n_params:,} parameters, {mp.describe()}; data {dataset!r}; "
-            f"{world_size} process(es) on {device}, precision {args.precision}, "
-            f"global batch {args.batch_size}, lr {args.lr:g}")
-    run.log_disk_plan(args, n_params, state.step)
+        # Everything is validated and built: now (and only now) create or reopen the run folder.
+        if args.resume:
+            run = runs.Run.reopen(args.resume, state.step, rank, lock)
+            run.log(f"resuming {run.path} from step {state.step} ({path})")
+        else:
+            run = runs.Run.create(args.results_dir, args.model, rank, world_size, lock)
+            run.write_config(runs.new_config(args, mp, dataset, world_size))
+            run.log(f"run folder {run.path}")
+        for note in notes:
+            run.warn(note)
+        n_params = sum(p.numel() for p in state.model.parameters())
+        run.log(f"{args.model}: {n_params:,} parameters, {mp.describe()}; data {dataset!r}; "
+                f"{world_size} process(es) on {device}, precision {args.precision}, "
+                f"global batch {args.batch_size}, lr {args.lr:g}")
+        run.log_disk_plan(args, n_params, state.step)
 
-    model = training.wrap_model(state.model, args, world_size, device, run.warn)
-    diffusion = create_diffusion("")
-    batches = iter(training.make_loader(dataset, args, rank, world_size, state.step, device))
-    probe = training.make_probe(dataset, diffusion, device, dataset.num_classes) if run.writer else None
-    meter = training.LossMeter(state, world_size, device)
-    state.model.train()
-    with training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step):
-        while state.step < args.num_steps:
-            x, y = (v.to(device, non_blocking=True) for v in next(batches))
-            t = training.step_timesteps(args, rank, state.step, x.shape[0], diffusion.num_timesteps, device)
-            state.step += 1
-            meter.add(training.training_step(model, state.model, diffusion, state.opt, state.sched, state.ema,
-                                             x, y, t, step=state.step, autocast=autocast, compiled=args.compile,
-                                             grad_clip=args.grad_clip))
-            step, last = state.step, state.step == args.num_steps
-            if step % args.log_every == 0 or last:
-                run.log_metrics(meter.record(args, run.last_checkpoint), args.num_steps)
-            if run.writer and (step % args.magnitude_every == 0 or last):
-                run.append("magnitudes.jsonl", {"step": step, **training.measure_magnitudes(state.model, probe)})
-            if step % args.ema_snapshot_every == 0 or last:
-                meter.check_finite(run.last_checkpoint)
-                run.save_snapshots(state.ema, step)
-            stopping = stop.requested(step)
-            if step % args.ckpt_every == 0 or last or stopping:
-                meter.check_finite(run.last_checkpoint)
-                run.save_checkpoint({**state.state_dict(device), "args": vars(args)}, args.keep_checkpoints)
-            if stopping:
-                run.log(f"stopped by signal {stop.signal} at step {step}; resume with --resume {run.path}")
-                break
-    run.plot("magnitudes")
-    run.log(f"done: {run.path}")
+        meter = training.LossMeter(state, world_size, device)
+        state.model.train()
+        with training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step):
+            while state.step < args.num_steps:
+                x, y = (v.to(device, non_blocking=True) for v in next(batches))
+                t = training.step_timesteps(args, rank, state.step, x.shape[0], diffusion.num_timesteps, device)
+                state.step += 1
+                meter.add(training.training_step(model, state.model, diffusion, state.opt, state.sched, state.ema,
+                                                 x, y, t, step=state.step, autocast=autocast,
+                                                 compiled=args.compile, grad_clip=args.grad_clip))
+                step, last = state.step, state.step == args.num_steps
+                if step % args.log_every == 0 or last:
+                    run.log_metrics(meter.record(args, run.last_checkpoint), args.num_steps)
+                if run.writer and (step % args.magnitude_every == 0 or last):
+                    run.append("magnitudes.jsonl", {"step": step, **training.measure_magnitudes(state.model, probe)})
+                if step % args.ema_snapshot_every == 0 or last:
+                    meter.check_finite(run.last_checkpoint)
+                    run.save_snapshots(state.ema, step)
+                stopping = stop.requested(step)
+                if step % args.ckpt_every == 0 or last or stopping:
+                    meter.check_finite(run.last_checkpoint)
+                    run.save_checkpoint({**state.state_dict(device), "args": vars(args)}, args.keep_checkpoints)
+                if stopping:
+                    break
+        if stop.signal is not None:
+            name = signal.Signals(stop.signal).name if isinstance(stop.signal, int) else "a signal to another rank"
+            run.log(f"interrupted by {name} at step {state.step}; the checkpoint is saved: continue with "
+                    f"--resume {run.path}")
+            raise Interrupted(128 + (stop.signal if isinstance(stop.signal, int) else signal.SIGTERM))
+        run.plot("magnitudes")
+        run.log(f"done: {run.path}")
     if world_size > 1:
         dist.barrier()
     return run.path
@@ -234,6 +279,11 @@ def main(argv=None) -> int:
     except (TrainingError, data.DatasetError, ValueError, OSError) as e:  # OSError: unusable folders, full disks
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return e.code
+    except KeyboardInterrupt:  # Ctrl-C before training began (once it has, Ctrl-C stops it cleanly)
+        print("error: interrupted (Ctrl-C) during start-up; nothing was trained", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

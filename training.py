@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+import runs
 from ema import PowerEMA
 from models import DiT, build_model
 
@@ -181,12 +182,10 @@ class LossMeter:
 
 def resume_from(state: TrainState, ckpt: dict, path: str, model_name: str, device: torch.device) -> None:
     """Continue from checkpoint `ckpt` (read from `path`): weights, EMAs, Adam, schedule, step and RNG."""
-    if ckpt["args"]["model"] != model_name:
-        raise TrainingError(f"checkpoint {path} holds a {ckpt['args']['model']}, not {model_name}")
-    try:
-        state.load_state_dict(ckpt, device)
-    except RuntimeError as e:
-        raise TrainingError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}") from e
+    if ckpt["args"].get("model") != model_name:
+        raise TrainingError(f"checkpoint {path} holds a {ckpt['args'].get('model')}, not {model_name}")
+    runs.load_weights(state.model, ckpt["model"], f"checkpoint {path}")  # a mismatch: one line of what differs
+    state.load_state_dict(ckpt, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,7 +198,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg:
-        device = torch.device(device_arg)
+        device = parse_device(device_arg)
     elif torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
     else:
@@ -209,6 +208,23 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def parse_device(text: str) -> torch.device:
+    """--device as a torch.device: cpu, cuda or cuda:N of a GPU that is there (TrainingError otherwise)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {text} is not a device this trainer uses; pass cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TrainingError(f"--device {text}: no CUDA GPU is available here; pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise TrainingError(f"--device {text}: this machine has {count} GPU(s), cuda:0 .. cuda:{count - 1}")
+    return device
 
 
 def wrap_model(model: DiT, args, world_size: int, device: torch.device, warn=print) -> torch.nn.Module:
