@@ -44,6 +44,7 @@ import torch._dynamo
 
 from diffusion import create_diffusion
 from ema import PowerEMA
+from fast_paths import apply_fast_paths, frozen_weights
 from models import MODEL_NAMES, build_model
 from mp_layers import MPConfig
 from training import COMPILE_MODES, compile_model, configure_precision, make_optimizer, training_step
@@ -133,8 +134,8 @@ class Bench:
         self.spec, self.device, self.batch = spec, device, args.batch_size
         self.autocast = configure_precision(spec.precision, device)
         torch.manual_seed(args.seed)
-        self.model = build_model(spec.model, in_channels=spec.channels, input_size=spec.size,
-                                 num_classes=NUM_CLASSES, mp=spec.mp).to(device)
+        self.model = apply_fast_paths(build_model(spec.model, in_channels=spec.channels, input_size=spec.size,
+                                                  num_classes=NUM_CLASSES, mp=spec.mp).to(device))
         self.model.train()
         self.ema = PowerEMA(self.model, stds=EMA_STDS)
         total = 1_000_000  # a long run's schedule: warm-up steps // 150, decay from steps // 10
@@ -174,11 +175,12 @@ class Bench:
         self.model.eval()
         sync(self.device)
         start = time.perf_counter()
-        for _ in range(n):
-            if self.spec.compile:
-                torch.compiler.cudagraph_mark_step_begin()
-            with self.autocast():
-                self.train_model(self.fwd_x, self.fwd_t, self.fwd_y)
+        with frozen_weights(self.model):  # as sample.py: the weights normalised once for all steps
+            for _ in range(n):
+                if self.spec.compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self.autocast():
+                    self.train_model(self.fwd_x, self.fwd_t, self.fwd_y)
         sync(self.device)
         elapsed = time.perf_counter() - start
         self.model.train()

@@ -1,7 +1,7 @@
-"""DiT (Peebles & Xie, 2023) built from the toggleable magnitude-preserving layers of `mp_layers`.
+"""DiT (Peebles & Xie, 2023) built from the magnitude-preserving layers of `mp_layers`.
 
 `build_model("DiT-XS/2", in_channels=4, input_size=16, mp=MPConfig.all_on())` gives the paper's model.
-DESIGN.md §3 is the specification; the parameter counts of §3.3 are checked by the tests.
+The formulas are written out in docs/design.md; `fast_paths.apply_fast_paths(model)` makes it faster.
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, modulate, mp_sum, mp_sum_weights
-from mp_layers import normalize
-from mp_layers import project_forced_weights_, scaled_weights_for_step
+from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, mp_sum, normalize
 
 # name: (depth, width, heads)
 MODEL_SIZES = {
@@ -52,7 +50,7 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def sinusoidal_timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos(t·f_k), sin(t·f_k)] with f_k = exp(−ln(10⁴)·k/(dim/2)), k < dim/2 (DESIGN §3.2)."""
+    """[cos(t·f_k), sin(t·f_k)] with f_k = exp(−ln(10⁴)·k/(dim/2)), k < dim/2, t the integer step."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -74,6 +72,45 @@ def unpatchify(x: torch.Tensor, p: int, channels: int, grid: int) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------
+# Conditioning: per-sample modulation of each branch from a = act(c).
+
+
+class AdaLNZero(MPLinear):
+    """DiT's adaLN-Zero: one zero-initialised linear from a = act(c) to (shift, scale[, gate]) per branch.
+
+    `forward(a)` returns one dict per branch: {"shift", "scale", "gate"} (B, D) each; the branch's
+    output is multiplied by its gate, which starts at 0, so every block is the identity at init.
+    """
+
+    def __init__(self, dim: int, mp: MPConfig, *, branches: int, gated: bool):
+        parts = ("shift", "scale", "gate") if gated else ("shift", "scale")
+        super().__init__(dim, len(parts) * branches * dim, mp, zero_init=True)
+        self.parts, self.branches = parts, branches
+
+    def forward(self, a: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        chunks = super().forward(a).chunk(len(self.parts) * self.branches, dim=-1)
+        k = len(self.parts)
+        return [dict(zip(self.parts, chunks[i * k: (i + 1) * k])) for i in range(self.branches)]
+
+
+def modulate(h: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A branch's input modulation of tokens h (B, T, D) by per-sample parts (B, D): h·(1 + scale) + shift."""
+    scale, shift = parts.get("scale"), parts.get("shift")
+    if scale is not None and shift is not None:
+        return torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1))
+    if scale is not None:
+        h = h * (1 + scale.unsqueeze(1))
+    if shift is not None:
+        h = h + shift.unsqueeze(1)
+    return h
+
+
+def layer_norm(dim: int, mp: MPConfig) -> nn.Module:
+    """LayerNorm without affine parameters, or nothing with use_no_layernorm."""
+    return nn.Identity() if mp.use_no_layernorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Blocks.
 
 
@@ -83,59 +120,52 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, mp: MPConfig):
         super().__init__()
         self.dim = dim
-        self.table = None
-        if mp.use_mp_embedding:
-            self.table = MPEmbedding(NUM_TIMESTEPS, dim, weight_norm=mp.use_weight_normalization,
-                                     forced_weight_norm=mp.use_forced_weight_normalization)
+        self.table = MPEmbedding(NUM_TIMESTEPS, dim, mp) if mp.use_mp_embedding else None
         self.mlp = MLP(dim, dim, dim, mp)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = self.table(t.long()) if self.table is not None else sinusoidal_timestep_embedding(t, self.dim)
-        return self.mlp(features)
+        if self.table is not None:
+            return self.mlp(self.table(t.long()))
+        return self.mlp(sinusoidal_timestep_embedding(t, self.dim).to(self.mlp.fc1.weight.dtype))  # fp32 (or f64)
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block (DiT order) with optional MP residuals and no layer norm."""
+    """Transformer block (DiT order): attention, then MLP, each a modulated, gated residual branch."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mp: MPConfig):
         super().__init__()
         self.mp_residual = mp.use_mp_residual
-        self.norm = nn.Identity() if mp.use_no_layernorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = layer_norm(dim, mp)
         self.attn = Attention(dim, num_heads, mp)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dim, mp)
-        self.modulation = MPLinear(dim, 6 * dim, weight_norm=mp.use_weight_normalization,
-                                   forced_weight_norm=mp.use_forced_weight_normalization, zero_init=True)
+        self.modulation = AdaLNZero(dim, mp, branches=2, gated=True)
 
-    def residual(self, x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """x + gate·update, or mp_sum(x, gate·update, 0.3), as one fused multiply-add."""
-        gate = gate.unsqueeze(1)
-        if not self.mp_residual:
-            return torch.addcmul(x, gate, update)
-        wx, wu = mp_sum_weights(0.3)
-        dtype = torch.promote_types(x.dtype, update.dtype)
-        return torch.addcmul(x.to(dtype) * wx, gate, update, value=wu)
+    def residual(self, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """x + gate·update, or with use_mp_residual mp_sum(x, gate·update, 0.3)."""
+        if gate is not None:
+            update = gate.unsqueeze(1) * update
+        return mp_sum(x, update, 0.3) if self.mp_residual else x + update
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        """`c_act`: (MP-)SiLU of the conditioning, computed once by the model for all blocks."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c_act).chunk(6, dim=-1)
-        x = self.residual(x, gate1, self.attn(modulate(self.norm(x), shift1, scale1)))
-        x = self.residual(x, gate2, self.mlp(modulate(self.norm(x), shift2, scale2)))
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """`a`: act(c), the input of every modulation layer (computed once by the model)."""
+        attn_mod, mlp_mod = self.modulation(a)
+        x = self.residual(x, self.attn(modulate(self.norm(x), attn_mod)), attn_mod.get("gate"))
+        x = self.residual(x, self.mlp(modulate(self.norm(x), mlp_mod)), mlp_mod.get("gate"))
         return x
 
 
 class FinalLayer(nn.Module):
-    """adaLN modulation, then a zero-initialised linear to p·p·(2C) values per token."""
+    """Modulation of the tokens (no gate), then a zero-initialised linear to p·p·(2C) values per token."""
 
     def __init__(self, dim: int, out_features: int, mp: MPConfig):
         super().__init__()
-        wn = dict(weight_norm=mp.use_weight_normalization, forced_weight_norm=mp.use_forced_weight_normalization)
-        self.norm = nn.Identity() if mp.use_no_layernorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = MPLinear(dim, 2 * dim, zero_init=True, **wn)
-        self.linear = MPLinear(dim, out_features, zero_init=True, **wn)
+        self.norm = layer_norm(dim, mp)
+        self.modulation = AdaLNZero(dim, mp, branches=1, gated=False)
+        self.linear = MPLinear(dim, out_features, mp, zero_init=True)
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(c_act).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        (parts,) = self.modulation(a)
+        return self.linear(modulate(self.norm(x), parts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,49 +192,38 @@ class DiT(nn.Module):
         self.grid = input_size // patch_size
         self.num_classes = num_classes
         self.class_dropout = class_dropout
-        wn = dict(weight_norm=mp.use_weight_normalization, forced_weight_norm=mp.use_forced_weight_normalization)
 
-        self.x_embedder = MPLinear(patch_size * patch_size * in_channels + 1, width, input_bias=True, **wn)
+        # Patch embedding: a linear of the patch's features and one constant 1 (which stands in for a bias).
+        self.x_embedder = MPLinear(patch_size * patch_size * in_channels + 1, width, mp)
         self.t_embedder = TimestepEmbedder(width, mp)
-        self.y_embedder = MPEmbedding(num_classes + 1, width, weight_norm=mp.use_mp_embedding,
-                                      forced_weight_norm=mp.use_mp_embedding)
+        self.y_embedder = MPEmbedding(num_classes + 1, width, mp, labels=True)
         pos = sincos_pos_embed_2d(width, self.grid)
         self.register_buffer("pos_embed", normalize(pos) if mp.use_mp_pos_enc else pos, persistent=False)
+        self.act = activation(mp)
         self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio, mp) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size * patch_size * self.out_channels, mp)
 
-        # The tables and weights that forced weight normalisation keeps at unit-RMS rows.
-        self._forced_weights = [m.weight for m in self.modules()
-                                if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
-        # The linear layers whose effective weight is computed in one batched pass per training step.
-        self._scaled_layers = [m for m in self.modules() if isinstance(m, MPLinear) and m.scales_weight]
-        # Off: each layer normalises its own weight. train.py turns the batched pass off under DDP: it
-        # hands every grouped weight its gradient only at the very end of the backward, so DDP could not
-        # all-reduce those gradients while the backward is still running.
-        self.batch_weight_normalization = True
+    def forced_weights(self) -> list[torch.Tensor]:
+        """The weights and tables that forced weight normalisation keeps at unit-RMS rows."""
+        return [m.weight for m in self.modules() if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
 
     @torch.no_grad()
     def project_forced_weights_(self) -> None:
-        """Forced weight normalisation: call after every optimiser step (train.py does)."""
-        if self._forced_weights:
-            project_forced_weights_(self._forced_weights)
+        """Forced weight normalisation, W ← normalize(W): call after every optimiser step."""
+        for w in self.forced_weights():
+            w.copy_(normalize(w))
 
     def check_labels(self, y: torch.Tensor) -> None:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
             raise ValueError(f"class label out of range: got {int(y.min())}..{int(y.max())}, the model has "
                              f"{self.num_classes} classes (0..{self.num_classes - 1}, {self.num_classes} = null label)")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # Training, and anything compiled: all effective weights in one batched pass (a few kernels in
-        # all, forward and backward, instead of several per layer, with or without torch.compile).
-        # Eager evaluation reuses each layer's cached weight instead (sampling renormalises nothing).
-        if self._scaled_layers and self.batch_weight_normalization and (
-                torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            with scaled_weights_for_step(self._scaled_layers):
-                return self._forward(x, t, y)
-        return self._forward(x, t, y)
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → tokens (B, T, D): patchify, append the constant-1 feature, linear."""
+        patches = patchify(x, self.patch_size)
+        return self.x_embedder(torch.cat([patches, torch.ones_like(patches[..., :1])], dim=-1))
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"input of shape {tuple(x.shape[1:])} does not match the model's "
                              f"{(self.in_channels, self.input_size, self.input_size)}")
@@ -216,15 +235,15 @@ class DiT(nn.Module):
             drop = torch.rand(y.shape, device=y.device) < self.class_dropout
             y = torch.where(drop, self.num_classes, y)
 
-        tokens = self.x_embedder(patchify(x, self.patch_size))
+        tokens = self.embed_patches(x)
         pos = self.pos_embed.to(tokens.dtype)
         x = mp_sum(tokens, pos, 0.5) if self.mp.use_mp_residual else tokens + pos
         t_emb, y_emb = self.t_embedder(t), self.y_embedder(y)
         c = mp_sum(t_emb, y_emb, 0.5) if self.mp.use_mp_residual else t_emb + y_emb
-        c_act = activation(self.mp)(c)  # every modulation layer's input, computed once
+        a = self.act(c)  # what every modulation layer reads
         for block in self.blocks:
-            x = block(x, c_act)
-        x = self.final_layer(x, c_act)
+            x = block(x, a)
+        x = self.final_layer(x, a)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ import data
 from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS
+from fast_paths import apply_fast_paths, frozen_weights
 from runs import RunError, load_run_model
 from training import configure_precision
 
@@ -118,7 +119,7 @@ def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num
         vae = data.load_vae(info.get("vae") or data.DEFAULT_VAE, device)
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     out = []
-    with (precision_for_sampling(precision, torch.device(device)) as autocast,
+    with (precision_for_sampling(precision, torch.device(device)) as autocast, frozen_weights(model),
           compiled_forward(model) if compile else contextlib.nullcontext()):
         for start in range(0, len(labels), batch_size):
             chunk = labels[start: start + batch_size]
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
             raise RunError(f"--num-samples must be at least 1, got {args.num_samples}")
         model, config, what = load_run_model(args.result_dir, ema_std=None if args.ckpt is not None else args.ema_std,
                                              ckpt_step=args.ckpt, step=args.step, device=device)
+        apply_fast_paths(model)
         num_classes = config["num_classes"]
         classes = args.class_label if args.class_label is not None else list(range(num_classes))
         bad = [c for c in classes if not 0 <= c < num_classes]

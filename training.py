@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import runs
 from ema import PowerEMA
+from fast_paths import apply_fast_paths
 from models import DiT, build_model
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -228,9 +229,9 @@ def parse_device(text: str) -> torch.device:
 
 
 def wrap_model(model: DiT, args, world_size: int, device: torch.device, warn=print) -> torch.nn.Module:
-    """The module the step calls: DDP over the ranks, then torch.compile, as asked."""
+    """The module the step calls: the fast paths (in place), DDP over the ranks, then torch.compile, as asked."""
+    apply_fast_paths(model, ddp=world_size > 1)  # under DDP each layer normalises its own weight (fast_paths.py)
     if world_size > 1:
-        model.batch_weight_normalization = False  # per-layer WN, so DDP overlaps its all-reduce (models.py)
         if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
             warn(f"--compile-mode {args.compile_mode} (CUDA graphs) under DDP is untested here; "
                            f"if it fails or is slow, use --compile alone")

@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fast_paths import apply_fast_paths  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 
@@ -52,7 +53,7 @@ def switch_set(name: str) -> MPConfig:
 def count_ops(model_name: str, mp: MPConfig, batch: int = 2, size: int = 16, channels: int = 4) -> collections.Counter:
     """Operations of one training-mode forward and backward (the second one: the first builds caches)."""
     torch.manual_seed(0)
-    model = build_model(model_name, in_channels=channels, input_size=size, num_classes=10, mp=mp)
+    model = apply_fast_paths(build_model(model_name, in_channels=channels, input_size=size, num_classes=10, mp=mp))
     x, t, y = torch.randn(batch, channels, size, size), torch.randint(0, 1000, (batch,)), torch.randint(0, 10, (batch,))
     model(x, t, y).square().mean().backward()
     model.zero_grad(set_to_none=True)  # as train.py: no gradient accumulation ops

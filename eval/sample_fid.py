@@ -30,6 +30,7 @@ from atomic import atomic_path
 from eval.fid import FIDError, fid_from_images
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
+from fast_paths import apply_fast_paths
 from runs import RunError, append_jsonl, load_run_model
 from sample import add_sampling_arguments, generate, precision_tag
 from training import setup_distributed
@@ -77,6 +78,7 @@ def run(args) -> float | None:
         raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
     model, config, what = load_run_model(args.result_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
                                          step=args.step, device=device)
+    apply_fast_paths(model)
     reference = None
     if rank == 0:  # check the reference before the long sampling, and compute a cached one once
         reference = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),

@@ -1,8 +1,6 @@
 """Small shared builders for the tests (tiny models that run a step in milliseconds)."""
 import itertools
 
-import torch
-
 from models import DiT
 from mp_layers import MPConfig
 
@@ -12,10 +10,18 @@ def tiny_dit(mp=MPConfig(), *, depth=2, width=32, heads=2, patch=2, in_channels=
                input_size=input_size, num_classes=num_classes, mp=mp)
 
 
-def all_switch_combinations():
+def interaction_configs() -> dict[str, MPConfig]:
+    """The switch sets that cover the interactions without the full 2ⁿ product: none, every switch on,
+    every switch alone, every switch left out of all-on, and every pair. Generated from MPConfig's fields."""
     names = MPConfig.switch_names()
-    for bits in itertools.product([False, True], repeat=len(names)):
-        yield MPConfig(**dict(zip(names, bits)))
+    every = {n: True for n in names}
+    short = {n: n.removeprefix("use_") for n in names}
+    configs = {"none": MPConfig(), "every": MPConfig(**every)}
+    configs.update({short[n]: MPConfig(**{n: True}) for n in names})
+    configs.update({"no_" + short[n]: MPConfig(**{**every, n: False}) for n in names})
+    configs.update({f"{short[a]}+{short[b]}": MPConfig(**{a: True, b: True})
+                    for a, b in itertools.combinations(names, 2)})
+    return configs
 
 
 def rms(x):

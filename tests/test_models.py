@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import mp_layers
-from helpers import all_switch_combinations, rms, tiny_dit
+from fast_paths import apply_fast_paths
+from helpers import interaction_configs, rms, tiny_dit
 from models import MODEL_NAMES, build_model, count_parameters, patchify, sincos_pos_embed_2d, unpatchify
 from mp_layers import MPConfig, MPEmbedding, MPLinear
 
@@ -47,19 +48,35 @@ def _fwd_bwd(model, dtype=None):
     return out, loss
 
 
-def test_all_256_switch_combinations_run_forward_and_backward_in_fp32_and_bf16():
-    configs = list(all_switch_combinations())
-    assert len(configs) == 256
-    for mp in configs:
-        torch.manual_seed(1)
-        model = tiny_dit(mp, depth=1, width=16, heads=2)
-        for dtype in (None, torch.bfloat16):
-            model.zero_grad(set_to_none=True)
-            out, loss = _fwd_bwd(model, dtype)
-            assert out.shape == (3, 4, 4, 4)
-            assert torch.isfinite(out.float()).all() and torch.isfinite(loss), (mp, dtype)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            assert grads and all(torch.isfinite(g).all() for g in grads), (mp, dtype)
+def test_interaction_coverage_is_generated_from_the_config():
+    n = len(MPConfig.switch_names())
+    configs = interaction_configs()
+    assert len(configs) == 2 + n + n + n * (n - 1) // 2
+    assert len(set(configs.values())) == len(configs)  # all different
+    assert MPConfig.all_on() in configs.values() or n > len(MPConfig.all_mp_names())
+
+
+@pytest.mark.parametrize("name", list(interaction_configs()))
+def test_switch_interactions_run_forward_and_backward_in_fp32_and_bf16(name):
+    """Every switch alone, left out of all-on, and every pair: the fast model trains with finite values in
+    fp32 and bf16 autocast, and its fp32 output is the plain model's."""
+    mp = interaction_configs()[name]
+    torch.manual_seed(1)
+    plain = tiny_dit(mp, depth=1, width=16, heads=2)
+    for p in plain.parameters():  # leave the zero-init state so every layer gets a gradient
+        torch.nn.init.normal_(p, std=0.3)
+    model = apply_fast_paths(tiny_dit(mp, depth=1, width=16, heads=2))
+    model.load_state_dict(plain.state_dict())
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        out, loss = _fwd_bwd(model, dtype)
+        assert out.shape == (3, 4, 4, 4)
+        assert torch.isfinite(out.float()).all() and torch.isfinite(loss), (name, dtype)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), (name, dtype)
+        if dtype is None:
+            ref, _ = _fwd_bwd(plain)
+            assert (out - ref).norm() / ref.norm() < 1e-5, name
 
 
 def test_bf16_autocast_output_follows_fp32():
@@ -83,7 +100,7 @@ def test_bf16_autocast_output_follows_fp32():
 def test_weight_normalized_linear_preserves_unit_rms():
     torch.manual_seed(0)
     for fan_in in (256, 1024):
-        layer = MPLinear(fan_in, 512, weight_norm=True, forced_weight_norm=False)
+        layer = MPLinear(fan_in, 512, MPConfig(use_weight_normalization=True))
         x = torch.randn(64, fan_in)
         assert rms(layer(x)) == pytest.approx(1.0, rel=0.05)
 
@@ -91,7 +108,7 @@ def test_weight_normalized_linear_preserves_unit_rms():
 def test_forced_wn_without_wn_preserves_unit_rms():
     # The reference multiplies unit input by ~sqrt(fan_in) here; we divide by sqrt(fan_in).
     torch.manual_seed(0)
-    layer = MPLinear(256, 512, weight_norm=False, forced_weight_norm=True)
+    layer = MPLinear(256, 512, MPConfig(use_forced_weight_normalization=True))
     x = torch.randn(64, 256)
     assert rms(layer(x)) == pytest.approx(1.0, rel=0.05)
     assert rms(F.linear(x, layer.weight)) == pytest.approx(16.0, rel=0.05)  # what the reference computes

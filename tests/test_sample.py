@@ -304,7 +304,8 @@ def fake_run(run_dir, tmp_path, monkeypatch):
 
     def fake_load(result_dir, **kw):
         loads.append(kw)
-        return None, runs.load_run_config(result_dir), "fake weights"
+        config = runs.load_run_config(result_dir)
+        return runs.model_from_config(config), config, "fake weights"
 
     fake = FakeSampler()
     monkeypatch.setattr(sample_fid, "load_run_model", fake_load)

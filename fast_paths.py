@@ -1,0 +1,258 @@
+"""The speed layer: the math of mp_layers.py and models.py with fewer, fused kernels.
+
+    model = apply_fast_paths(build_model(...))            # train.py, sample.py, eval/, bench.py
+    model = apply_fast_paths(build_model(...), ddp=True)  # before wrapping it in DistributedDataParallel
+
+`apply_fast_paths` changes the classes of the model's layers to the subclasses below; parameters and buffers
+stay as they are, so state dicts move freely between plain and fast models. What it changes:
+
+- weight normalisation of all linear layers in one batched pass per forward: the weights are grouped by
+  fan-in and normalised with one reduction per group, forward and backward (per layer, several small
+  kernels each). Not under DDP: a batched weight gets its gradient only at the very end of the backward,
+  so DDP could not all-reduce while the backward still runs; there each layer normalises its own weight.
+- `normalize` with a hand-written backward (one autograd node instead of autograd's ~8 kernels);
+- cosine attention normalises q and k in one call;
+- MP-SiLU's 1/0.596 folded into the next layer's weight (which is scaled anyway) instead of dividing the
+  (tokens × hidden) activations;
+- the residual x + gate·update (or its MP sum) as one multiply-add;
+- the forced-WN projection after each optimiser step batched the same way;
+- `frozen_weights(model)`: within it (sampling), every effective weight is computed once.
+
+tests/test_fast_paths.py holds the fast model equal to the plain one (float64, every switch, outputs and
+gradients). A layer class without a fast twin below runs its plain forward unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from models import DiT, DiTBlock
+from mp_layers import MLP, MP_SILU_RMS, Attention, MPEmbedding, MPLinear, mp_silu
+
+
+class _ScaleRowsByInverseNorm(torch.autograd.Function):
+    """y = x·c / (‖x‖ + eps) along the last dim (c a number): mp_layers.normalize times c/sqrt(d).
+
+    The backward reads x and the incoming gradient twice instead of autograd's ~8 passes.
+    With n = ‖x‖, s = c/(n+eps), r = Σ g·x:  ∂L/∂x = s·g − s·r / ((n+eps)·n) · x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, c, eps):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        scale = c / (norm + eps)
+        ctx.save_for_backward(x, norm, scale)
+        ctx.eps = eps
+        return (x.to(scale.dtype) * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm, scale = ctx.saved_tensors
+        xf = x.to(scale.dtype)
+        r = torch.linalg.vecdot(grad.to(scale.dtype), xf, dim=-1).unsqueeze(-1)
+        coef = scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
+        return torch.addcmul(grad * scale, xf, coef, value=-1).to(x.dtype), None, None
+
+
+def scale_rows_by_inverse_norm(x: torch.Tensor, c: float, eps: float = 1e-4) -> torch.Tensor:
+    """x·c / (‖x‖₂ + eps) per row (last dim), one autograd node."""
+    return _ScaleRowsByInverseNorm.apply(x, c, eps)
+
+
+def fused_normalize(x: torch.Tensor) -> torch.Tensor:
+    """mp_layers.normalize along the last dim, with the one-node backward."""
+    return scale_rows_by_inverse_norm(x, math.sqrt(x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights.
+
+
+class FastMPLinear(MPLinear):
+    """Takes its effective weight from the model's batched pass or `frozen_weights` when they hand one over.
+
+    `input_gain`: the layer computes linear(input_gain · x), folded into the weight (MP-SiLU's 1/0.596).
+    """
+
+    input_gain: float = 1.0
+    given_weight: torch.Tensor | None = None
+
+    def weight_scale(self) -> float:
+        """The constant factor of the effective weight: input gain, and 1/sqrt(fan_in) under (forced) WN."""
+        if self.weight_norm or self.forced_weight_norm:
+            return self.input_gain / math.sqrt(self.in_features)
+        return self.input_gain
+
+    @property
+    def scales_weight(self) -> bool:
+        """Whether the effective weight differs from the raw one."""
+        return self.weight_norm or self.gain is not None or self.weight_scale() != 1
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.given_weight is not None:
+            return self.given_weight
+        return batched_effective_weights([self])[0] if self.scales_weight else self.weight
+
+
+def batched_effective_weights(layers: list[FastMPLinear]) -> list[torch.Tensor]:
+    """The effective weights of many layers, computed together.
+
+    Layers are grouped by fan-in and scale; each group's weights are concatenated, their rows normalised
+    with one reduction and split back, so the backward is batched the same way.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, layer in enumerate(layers):
+        groups[(layer.in_features, layer.weight_norm, layer.weight_scale(), layer.weight.device,
+                layer.weight.dtype)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    for (fan_in, weight_norm, scale, _, _), members in groups.items():
+        rows = torch.cat([layers[i].weight for i in members]) if len(members) > 1 else layers[members[0]].weight
+        if weight_norm:  # normalize(W)·scale = W · (scale·sqrt(fan_in)) / (‖W_row‖ + eps)
+            rows = scale_rows_by_inverse_norm(rows, scale * math.sqrt(fan_in))
+        elif scale != 1:
+            rows = rows * scale
+        for i, w in zip(members, rows.split([layers[i].out_features for i in members])):
+            out[i] = w * layers[i].gain if layers[i].gain is not None else w
+    return out
+
+
+@torch.no_grad()
+def project_rows_(weights: list[torch.Tensor]) -> None:
+    """W ← normalize(W) row-wise for many weights: one reduction and one multi-tensor multiply per row length."""
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for w in weights:
+        groups[(w.shape[-1], w.device, w.dtype)].append(w)
+    for (d, _, _), ws in groups.items():
+        rows = torch.cat(ws) if len(ws) > 1 else ws[0]
+        norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=torch.promote_types(rows.dtype, torch.float32))
+        scale = (math.sqrt(d) / (norm + 1e-4)).to(rows.dtype)
+        torch._foreach_mul_(ws, list(scale.split([len(w) for w in ws])))
+
+
+class FastMPEmbedding(MPEmbedding):
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(index, self.weight)
+        return fused_normalize(rows) if self.weight_norm else rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention, block, model.
+
+
+class FastAttention(Attention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cosine:
+            return super().forward(x)
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qk, v = qkv.split([2, 1])
+        q, k = fused_normalize(qk).unbind(0)  # q and k of every head and token in one call
+        out = F.scaled_dot_product_attention(q, k, v.squeeze(0))
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class FastDiTBlock(DiTBlock):
+    def residual(self, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        if gate is None:
+            return super().residual(x, update, gate)
+        gate = gate.unsqueeze(1)
+        if not self.mp_residual:
+            return torch.addcmul(x, gate, update)
+        norm = math.sqrt(0.7**2 + 0.3**2)  # mp_sum(x, gate·update, 0.3) as one multiply-add
+        dtype = torch.promote_types(x.dtype, update.dtype)
+        return torch.addcmul(x.to(dtype) * (0.7 / norm), gate, update, value=0.3 / norm)
+
+
+class FastDiT(DiT):
+    """The model's forward, with all effective weights computed in one batched pass (unless `ddp`)."""
+
+    batched: bool = True
+    frozen: bool = False
+
+    def setup_fast_paths(self, ddp: bool) -> None:
+        self.batched = not ddp
+        self._scaled_layers = [m for m in self.modules() if isinstance(m, FastMPLinear) and m.scales_weight]
+        self._forced_layers = [m for m in self.modules()
+                               if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
+
+    def forced_weights(self) -> list[torch.Tensor]:
+        return [m.weight for m in self._forced_layers]
+
+    @torch.no_grad()
+    def project_forced_weights_(self) -> None:
+        if self._forced_layers:
+            project_rows_(self.forced_weights())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            if torch.is_grad_enabled():
+                raise RuntimeError("frozen_weights(model) is for sampling: its weights carry no gradient; "
+                                   "run the model under torch.no_grad() there")
+            return super().forward(x, t, y)
+        if not (self.batched and self._scaled_layers):
+            return super().forward(x, t, y)
+        for layer, w in zip(self._scaled_layers, batched_effective_weights(self._scaled_layers)):
+            layer.given_weight = w
+        try:
+            return super().forward(x, t, y)
+        finally:
+            for layer in self._scaled_layers:
+                layer.given_weight = None
+
+
+FAST_CLASSES = {MPLinear: FastMPLinear, MPEmbedding: FastMPEmbedding, Attention: FastAttention,
+                DiTBlock: FastDiTBlock, DiT: FastDiT}
+
+
+def _fast_class(cls: type) -> type | None:
+    """The fast twin of a layer class: FAST_CLASSES, or for a direct subclass of MPLinear (e.g. AdaLNZero)
+    one made on the fly that takes FastMPLinear's weights and keeps the subclass's forward."""
+    if cls in FAST_CLASSES:
+        return FAST_CLASSES[cls]
+    if cls.__bases__ == (MPLinear,):
+        FAST_CLASSES[cls] = type(cls.__name__, (cls, FastMPLinear), {"__module__": cls.__module__})
+        return FAST_CLASSES[cls]
+    return None
+
+
+def apply_fast_paths(model: DiT, *, ddp: bool = False) -> DiT:
+    """Turns `model` (in place) into its fast twin and returns it. `ddp`: it will be wrapped in
+    DistributedDataParallel, so each layer normalises its own weight (see the module's docstring)."""
+    if not isinstance(model, DiT):
+        raise TypeError(f"apply_fast_paths takes a models.DiT, not a {type(model).__name__}")
+    if not isinstance(model, FastDiT):
+        for module in model.modules():
+            fast = _fast_class(type(module))
+            if fast is not None:
+                module.__class__ = fast
+            if isinstance(module, MLP) and module.act is mp_silu:  # fc2(silu(h)/0.596) = (fc2 / 0.596)(silu(h))
+                module.act = F.silu
+                module.fc2.input_gain = 1 / MP_SILU_RMS
+    model.setup_fast_paths(ddp)
+    return model
+
+
+@contextlib.contextmanager
+def frozen_weights(model: torch.nn.Module):
+    """Within the block the model's effective weights are computed once and reused by every forward
+    (sampling: eval mode, no grad). They are dropped on exit, so nothing is cached outside the block:
+    change the weights (an EMA swap, load_state_dict) outside it, or enter it again after changing them.
+    A model without fast paths runs unchanged."""
+    fast = [m for m in model.modules() if isinstance(m, FastDiT) and not m.frozen]
+    layers = [layer for m in fast for layer in m._scaled_layers]
+    with torch.no_grad():
+        for layer, w in zip(layers, batched_effective_weights(layers)):
+            layer.given_weight = w
+    for m in fast:
+        m.frozen = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.given_weight = None
+        for m in fast:
+            m.frozen = False
