@@ -6,7 +6,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "benchmarks/RESULTS.md"]
+DOCS = ["README.md", "docs/design.md", "benchmarks/RESULTS.md"]
 
 CODE_SPAN = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -75,3 +75,22 @@ def test_the_path_check_catches_a_missing_file():
     text = "See `benchmarks/no_such_file.py`, `train.py` and `python eval/fid.py A B`; `results/000/log.txt`."
     assert named_paths(text) == {"benchmarks/no_such_file.py", "train.py", "eval/fid.py"}
     assert github_anchor("Ablation on the CPU (small budget)") == "ablation-on-the-cpu-small-budget"
+
+
+def test_no_file_points_to_a_document_outside_the_repository():
+    """The repository documents itself: no comment or doc sends the reader to the specification or the
+    benchmark notes kept outside it (docs/design.md and benchmarks/RESULTS.md are the repository's own)."""
+    outside = ["design".upper(), "benchmarks".upper() + ".md", "../" + "shared"]  # (spelled so this file passes)
+    with open(os.path.join(ROOT, ".gitignore"), encoding="utf-8") as f:  # run folders and venvs are not ours
+        ignored = {line.strip().strip("/") for line in f if line.strip().startswith("/")}
+    offenders = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                   and not (folder == ROOT and d in ignored)]
+        for name in files:
+            if name.endswith((".py", ".md", ".sh")):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    offenders += [f"{os.path.relpath(path, ROOT)}:{number}" for number, line in enumerate(f, 1)
+                                  if any(word in line for word in outside)]
+    assert not offenders, f"references outside the repository (name docs/design.md instead): {offenders}"
