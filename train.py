@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-snapshot-every", type=int, default=None, help="default steps//250")
     p.add_argument("--ema-stds", type=float, nargs="+", default=[0.05, 0.10], help="tracked EMA σ_rel values")
     p.add_argument("--magnitude-every", type=int, default=None,
-                   help="record activation and weight magnitudes per block every N steps (default steps//100)")
+                   help="record activation and weight magnitudes per block every N steps and at the last (default: "
+                        "spaced from a record's measured cost to take about 1 %% of the training time, at most "
+                        "~100 records; the log says the spacing)")
     MPConfig.add_arguments(p)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                    help="fp32, TF32 matmuls (default; same as fp32 on a CPU), or bf16 autocast")
@@ -105,8 +107,6 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.start_decay = steps // 10
     if args.ema_snapshot_every is None:
         args.ema_snapshot_every = max(1, steps // 250)
-    if args.magnitude_every is None:
-        args.magnitude_every = max(1, steps // 100)
     return args
 
 
@@ -238,6 +238,7 @@ def train(argv=None) -> str:
         run.log_disk_plan(args, n_params, state.step)
 
         meter = training.LossMeter(state, world_size, device)
+        magnitudes = training.MagnitudeRecorder(args.magnitude_every, state.step, args.num_steps, device, run.log)
         state.model.train()
         with training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step):
             while state.step < args.num_steps:
@@ -250,8 +251,8 @@ def train(argv=None) -> str:
                 step, last = state.step, state.step == args.num_steps
                 if step % args.log_every == 0 or last:
                     run.log_metrics(meter.record(args, run.last_checkpoint), args.num_steps)
-                if run.writer and (step % args.magnitude_every == 0 or last):
-                    run.append("magnitudes.jsonl", {"step": step, **training.measure_magnitudes(state.model, probe)})
+                if run.writer and magnitudes.due(step):
+                    run.append("magnitudes.jsonl", magnitudes.record(state.model, probe, step))
                 if step % args.ema_snapshot_every == 0 or last:
                     meter.check_finite(run.last_checkpoint)
                     run.save_snapshots(state.ema, step)

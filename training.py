@@ -351,10 +351,11 @@ def step_timesteps(args, rank: int, step: int, batch: int, num_timesteps: int, d
 
 @torch.no_grad()
 def measure_magnitudes(model, probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:
-    """RMS of the activations leaving each block on a fixed probe batch, and RMS of each block's weights."""
+    """RMS of the activations leaving each block on a fixed probe batch, and RMS of each block's weights
+    (one device-to-host copy for all of them: one synchronisation per record, not one per block)."""
     x, t, y = probe
     outputs = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.float().square().mean().sqrt().item()))
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.float().square().mean().sqrt()))
              for b in model.blocks]
     was_training = model.training
     model.eval()
@@ -364,12 +365,68 @@ def measure_magnitudes(model, probe: tuple[torch.Tensor, torch.Tensor, torch.Ten
         model.train(was_training)
         for h in hooks:
             h.remove()
-    weights = []
+    sums, counts = [], []
     for block in model.blocks:
         params = [p for n, p in block.named_parameters() if n.endswith("weight")]
-        total = sum(p.float().square().sum() for p in params)
-        weights.append(math.sqrt(float(total) / sum(p.numel() for p in params)))
-    return {"act_rms": outputs, "weight_rms": weights}
+        sums.append(sum(p.float().square().sum() for p in params))
+        counts.append(sum(p.numel() for p in params))
+    act, weight_sums = torch.stack(outputs).tolist(), torch.stack(sums).tolist()
+    return {"act_rms": act, "weight_rms": [math.sqrt(s / n) for s, n in zip(weight_sums, counts)]}
+
+
+class MagnitudeRecorder:
+    """When to record the magnitudes (`measure_magnitudes` on the probe batch), and the records.
+
+    With a fixed `every`: every `every` steps and at the last step. By default (`every` None) the spacing
+    comes from what a record costs on this machine, so that the records take about `budget` (1 %) of the
+    training time at any model, batch and device: the first record, 10 steps after the start, is timed
+    against the mean step before it (the first two steps, which carry warm-up and compilation, left
+    out), and from then on every = max(steps // 100, ceil(record time / (budget · step time))): at most
+    ~100 records a run, fewer where a record costs more than 1 % of a step. The last step is always
+    recorded (the run's final magnitudes); with it and the timed record, a record costing r steps adds
+    at most budget + 2r / steps of the training time.
+    """
+    TIMED_AT, CLOCK_FROM = 10, 2  # steps after the start
+
+    def __init__(self, every: int | None, start_step: int, num_steps: int, device: torch.device,
+                 log=print, budget: float = 0.01):
+        self.every, self.start, self.num_steps, self.device = every, start_step, num_steps, device
+        self.log, self.budget, self.clock = log, budget, None
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` (just taken) records; called after every step (it also starts the clock)."""
+        if step == self.num_steps:
+            return True
+        if self.every is not None:
+            return step % self.every == 0
+        if step == self.start + self.CLOCK_FROM:
+            self.clock = self._now()
+        return step == self.start + self.TIMED_AT
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def record(self, model, probe, step: int) -> dict:
+        """The magnitudes of step `step`; the timed record also fixes the default spacing, and logs it."""
+        if self.every is not None or self.clock is None:
+            return {"step": step, **measure_magnitudes(model, probe)}
+        began = self._now()
+        record = {"step": step, **measure_magnitudes(model, probe)}
+        record_s = self._now() - began
+        step_s = (began - self.clock) / (step - self.start - self.CLOCK_FROM)
+        self.every = magnitude_spacing(record_s, step_s, self.num_steps, self.budget)
+        self.log(f"magnitudes: a record takes {record_s * 1e3:.1f} ms, {record_s / step_s:.2f} training steps; "
+                 f"recording every {self.every} steps ({100 * record_s / step_s / self.every:.2f} % of the "
+                 f"training time) and at the last; --magnitude-every N sets the spacing")
+        return record
+
+
+def magnitude_spacing(record_s: float, step_s: float, num_steps: int, budget: float = 0.01) -> int:
+    """The default spacing of magnitude records: at most ~100 a run, and records that take at most `budget`
+    of the time of the steps between them."""
+    return max(1, num_steps // 100, math.ceil(record_s / (budget * step_s)))
 
 
 def make_probe(dataset, diffusion, device, num_classes: int, size: int = 16):

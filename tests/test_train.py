@@ -699,3 +699,49 @@ def test_compiled_training_step_matches_eager_at_init(tmp_path):
     assert losses["compiled"][1:] == pytest.approx(losses["eager"][1:], rel=0.05)
     config = json.load(open(os.path.join(only_run(tmp_path / "compiled"), "config.json")))
     assert config["args"]["compile"] and config["args"]["compile_mode"] == "reduce-overhead"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Magnitude records: by default about 1 % of the training time.
+
+
+@pytest.mark.parametrize("record_s, step_s, steps, every", [
+    (0.2, 1.0, 80, 20),            # a record costs a fifth of a step: one every 20 steps costs 1 %
+    (0.2, 1.0, 400_000, 4000),     # long runs: ~100 records (steps // 100) cost less still
+    (0.001, 1.0, 50, 1),           # nearly free records: every step of a short run
+    (3.0, 1.0, 1000, 300),
+])
+def test_default_magnitude_spacing_keeps_records_to_a_percent(record_s, step_s, steps, every):
+    assert training.magnitude_spacing(record_s, step_s, steps) == every
+    assert record_s / (every * step_s) <= 0.01 or every == steps // 100
+
+
+def test_default_magnitude_recording_is_timed_spaced_and_logged(tmp_path, capsys, monkeypatch):
+    """Without --magnitude-every: the record 10 steps in is timed against the steps before it, the spacing
+    follows from the ratio, and the last step is recorded. The measured times are replaced by a record
+    worth 0.25 steps (the recorder's clock advances 1 s per step and 0.25 s per record)."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training.MagnitudeRecorder, "_now", lambda self: clock["now"])
+    real_step, real_measure = training.training_step, training.measure_magnitudes
+
+    def timed_step(*args, **kwargs):
+        clock["now"] += 1.0
+        return real_step(*args, **kwargs)
+
+    def timed_measure(*args, **kwargs):
+        clock["now"] += 0.25
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", timed_step)
+    monkeypatch.setattr(training, "measure_magnitudes", timed_measure)
+    results = tmp_path / "results"
+    i = FAST.index("--magnitude-every")
+    argv = FAST[:i] + FAST[i + 2:]
+    capsys.readouterr()
+    assert train.main([*argv, "--num-steps", "30", "--ckpt-every", "30", "--log-every", "30",
+                       "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "magnitudes: a record takes 250.0 ms, 0.25 training steps; recording every 25 steps (1.00 %" in out
+    magnitudes = read_jsonl(os.path.join(only_run(results), "magnitudes.jsonl"))
+    assert [m["step"] for m in magnitudes] == [10, 25, 30]
+    assert len(magnitudes[-1]["act_rms"]) == len(magnitudes[-1]["weight_rms"]) == 6
