@@ -121,6 +121,57 @@ def plot_loss_curves(metrics_files: list[str], labels: list[str | None], out: st
     return out
 
 
+FID_FIELDS = {"step": "number", "fid": "number"}
+
+
+def plot_fid_curves(run_dirs: list[str], out: str, labels: list[str] | None = None) -> str:
+    """FID over training of runs trained with --eval-every (RUN/fid_during_training.jsonl), one line each."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, run_dir in enumerate(run_dirs):
+        records = read_records(os.path.join(run_dir, "fid_during_training.jsonl"), FID_FIELDS)
+        if not records:
+            raise FileNotFoundError(f"no fid_during_training.jsonl records in {run_dir}")
+        label = labels[i] if labels else (run_label(run_dir) if len(run_dirs) > 1 else None)
+        ax.plot([r["step"] for r in records], [r["fid"] for r in records], "o-", ms=3, lw=1.2, label=label)
+        last = records[-1]
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"FID ({last['num_samples']} samples, {last['sampler']} {last['num_sampling_steps']})")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(run_label(run_dirs[0]) if len(run_dirs) == 1 else "FID during training", fontsize=9)
+    if len(run_dirs) > 1:
+        ax.legend(fontsize=7)
+    save_figure(fig, out)
+    return out
+
+
+def plot_fid_bands(groups: list[tuple[str, list[list[tuple[int, float]]]]], out: str, title: str = "") -> str:
+    """One line per group (the mean over its runs of FID at each step) and a band of ± one standard
+    deviation over the runs (ddof 1; none for a single run). `groups`: (label, [[(step, fid), ...] per run])."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, curves in groups:
+        steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        by_run = [dict(c) for c in curves]
+        values = [[run[s] for run in by_run] for s in steps]
+        mean = [sum(v) / len(v) for v in values]
+        line, = ax.plot(steps, mean, "o-", ms=3, lw=1.4, label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            std = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) for v, m in zip(values, mean)]
+            ax.fill_between(steps, [max(m - s, 1e-3) for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("FID (mean over seeds; band ± 1 std)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=7, wrap=True)
+    save_figure(fig, out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders written by train.py")

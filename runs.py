@@ -143,9 +143,10 @@ def model_from_config(config: dict) -> DiT:
 
 
 def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int | None = None,
-                   step: int | None = None, device="cpu") -> tuple[DiT, dict, str]:
+                   step: int | None = None, device="cpu", ckpt_ema: bool = False) -> tuple[DiT, dict, str]:
     """The run's model in eval mode with either the post-hoc EMA for `ema_std` (at snapshot step `step`,
-    default the last) or, with `ckpt_step`, the raw training weights of that checkpoint.
+    default the last) or, with `ckpt_step`, the raw training weights of that checkpoint (with `ckpt_ema`,
+    its tracked fp32 EMA of `ema_std` instead).
 
     Returns (model, config, a short description of the weights).
     """
@@ -158,8 +159,16 @@ def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int
         if ckpt_step not in checkpoints:
             have = ", ".join(str(s) for s in checkpoints) or "none"
             raise RunError(f"no checkpoint at step {ckpt_step} in {run_dir} (available: {have})")
-        state = read_checkpoint(checkpoints[ckpt_step])["model"]
+        ckpt = read_checkpoint(checkpoints[ckpt_step])
         what, source = f"raw weights of checkpoint {ckpt_step}", f"checkpoint {checkpoints[ckpt_step]}"
+        state = ckpt["model"]
+        if ckpt_ema:
+            tracked = {float(s): ema for s, ema in ckpt["ema"].items()}
+            match = [s for s in tracked if abs(s - ema_std) < 1e-9]
+            if not match:
+                raise RunError(f"checkpoint {ckpt_step} tracks no EMA of σ_rel {ema_std:g} (it tracks "
+                               f"{', '.join(f'{s:g}' for s in sorted(tracked))}); pass one of them as --ema-std")
+            state, what = tracked[match[0]], f"tracked EMA σ_rel={ema_std:g} of checkpoint {ckpt_step}"
     else:
         state, info = reconstruct_ema(os.path.join(run_dir, "ema"), ema_std, step=step)
         what = f"post-hoc EMA σ_rel={ema_std:g} at step {info['step']}"
@@ -263,7 +272,7 @@ class Run:
             removed, freed = remove_stale_temporaries(path)
             if removed:
                 run.log(f"removed {removed} temporary file(s) ({freed / 1e6:.1f} MB) of interrupted writes")
-            for name in ("metrics.jsonl", "magnitudes.jsonl"):
+            for name in ("metrics.jsonl", "magnitudes.jsonl", "fid_during_training.jsonl"):
                 truncate_jsonl(os.path.join(path, name), step)
         return run
 
@@ -321,13 +330,15 @@ class Run:
         return f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
 
     def plot(self, what: str) -> None:
-        """loss.png or magnitudes.png of the run; a picture never stops training."""
+        """loss.png, magnitudes.png or fid_during_training.png of the run; a picture never stops training."""
         if not self.writer:
             return
         try:
             import plots
             if what == "loss":
                 plots.plot_loss(self.path)
+            elif what == "fid":
+                plots.plot_fid_curves([self.path], os.path.join(self.path, "fid_during_training.png"))
             else:
                 plots.plot_magnitudes([self.path], os.path.join(self.path, "magnitudes.png"))
         except Exception as e:  # noqa: BLE001

@@ -24,6 +24,7 @@ import data
 import runs
 import training
 from diffusion import create_diffusion
+from eval import during_training
 from models import MODEL_NAMES
 from mp_layers import MPConfig
 from runs import RunError, list_checkpoints, load_run_config
@@ -34,7 +35,7 @@ RUN_DEFINING = ["model", "data_path", "image_size", "num_classes", "batch_size",
                 "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.switch_names(), "use_all_mp"]
 # Options that may be changed when resuming.
 RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
-             "num_workers", "compile", "compile_mode", "device"]
+             "num_workers", "compile", "compile_mode", "device", *during_training.RESUMABLE]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    during_training.add_arguments(p)
     return p
 
 
@@ -141,6 +143,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     for std in args.ema_stds:
         if not 0 < std < 0.2887:
             raise TrainingError(f"--ema-stds value {std} is outside (0, 0.2887)")
+    during_training.check_arguments(args)
 
 
 def given_options(argv) -> set[str]:
@@ -210,6 +213,7 @@ def train(argv=None) -> str:
             torch.set_flush_denormal(True)
         dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes)
         state = training.build_state(args, dataset, mp, device)
+        fid_reference = during_training.resolve_reference(args, dataset, rank, world_size)  # before any training
         notes = []  # said once the run folder's log exists
         if args.resume:
             path, ckpt, skipped = runs.newest_intact_checkpoint(args.resume)
@@ -238,6 +242,8 @@ def train(argv=None) -> str:
         run.log_disk_plan(args, n_params, state.step)
 
         meter = training.LossMeter(state, world_size, device)
+        fid = during_training.TrainingFID(args, fid_reference, runs.new_config(args, mp, dataset, world_size), rank,
+                                          world_size, device)
         magnitudes = training.MagnitudeRecorder(args.magnitude_every, state.step, args.num_steps, device, run.log)
         state.model.train()
         with training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step):
@@ -260,6 +266,8 @@ def train(argv=None) -> str:
                 if step % args.ckpt_every == 0 or last or stopping:
                     meter.check_finite(run.last_checkpoint)
                     run.save_checkpoint({**state.state_dict(device), "args": vars(args)}, args.keep_checkpoints)
+                if fid.due(step, last) and not stopping:
+                    fid.evaluate(state, step, run, meter)
                 if stopping:
                     break
         if stop.signal is not None:

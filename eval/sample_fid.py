@@ -45,12 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default="auto", help='reference: stats .npz, images .npz or folder, "auto", or "none"')
     p.add_argument("--out", default=None, help="samples .npz (default RUN/fid/samples-<tag>.npz)")
     p.add_argument("--inception-weights", default=None)
+    p.add_argument("--ckpt-ema", action="store_true",
+                   help="with --ckpt: that checkpoint's tracked EMA of --ema-std (fp32, what train.py --eval-every "
+                        "scores) instead of its raw weights")
     return p
 
 
+def fid_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
+    """The labels of an FID draw: uniform over the classes, seeded (train.py --eval-every draws the same)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_classes, (num_samples,), generator=g)
+
+
 def sample_tag(args) -> str:
-    weights = f"ckpt{args.ckpt}" if args.ckpt is not None else f"ema{args.ema_std:g}" + (
-        f"-step{args.step}" if args.step is not None else "")
+    if args.ckpt is not None:
+        weights = f"ckpt{args.ckpt}" + (f"-ema{args.ema_std:g}" if args.ckpt_ema else "")
+    else:
+        weights = f"ema{args.ema_std:g}" + (f"-step{args.step}" if args.step is not None else "")
     return (f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}"
             f"-seed{args.seed}{precision_tag(args.precision)}")
 
@@ -76,8 +87,10 @@ def run(args) -> float | None:
     rank, world_size, device = setup_distributed(None)
     if args.num_samples < 2:
         raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
+    if args.ckpt_ema and args.ckpt is None:
+        raise FIDError("--ckpt-ema needs --ckpt STEP (the checkpoint whose tracked EMA to use)")
     model, config, what = load_run_model(args.result_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
-                                         step=args.step, device=device)
+                                         step=args.step, device=device, ckpt_ema=args.ckpt_ema)
     apply_fast_paths(model)
     reference = None
     if rank == 0:  # check the reference before the long sampling, and compute a cached one once
@@ -87,8 +100,7 @@ def run(args) -> float | None:
     out = args.out or os.path.join(fid_dir, f"samples-{sample_tag(args)}.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    g = torch.Generator().manual_seed(args.seed)
-    labels = torch.randint(0, config["num_classes"], (args.num_samples,), generator=g)
+    labels = fid_labels(args.num_samples, config["num_classes"], args.seed)
     share = -(-args.num_samples // world_size)
     lo, hi = rank * share, min(args.num_samples, (rank + 1) * share)
     if rank == 0:
