@@ -5,8 +5,8 @@ before the run folder exists.
 
 DiT-XS/8 on the built-in digits, a handful of steps, 4 samples of 2 DDIM steps; the reference statistics
 are random but valid (the FIDs are numbers to compare, not meaningful). Both sides of a comparison take
-the matrix square root of the Fréchet distance by eigh (eval/fid.py's method="eigh", the same formula),
-because sqrtm takes ~20 s per FID of 2048-d features on a small CPU.
+the matrix square root of the Fréchet distance by eigh (MAPDIT_FID_METHOD=eigh, the same formula), because
+sqrtm takes ~20 s per FID of 2048-d features on a small CPU.
 """
 import json
 import logging
@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-import eval.fid
 import eval.sample_fid as sample_fid
 import train
 from runs import append_jsonl, list_checkpoints, read_checkpoint, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MAPDIT_FID_METHOD": "eigh"}
 SAMPLING = ["--num-samples", "4", "--num-sampling-steps", "2", "--sampler", "ddim", "--cfg-scale", "1.5",
             "--seed", "42", "--ema-std", "0.05"]
 
@@ -47,25 +46,9 @@ def reference(tmp_path):
     return str(path)
 
 
-def by_eigh(frechet_distance):
-    return lambda *args, **kwargs: frechet_distance(*args, **{**kwargs, "method": "eigh"})
-
-
 @pytest.fixture(autouse=True)
 def eigh_fid(monkeypatch):
-    monkeypatch.setattr(eval.fid, "frechet_distance", by_eigh(eval.fid.frechet_distance))
-
-
-# torchrun runs this: train.py with the Fréchet distance by eigh, as in this test process.
-EIGH_TRAIN = """
-import sys
-sys.path.insert(0, {root!r})
-import eval.fid
-from tests.test_fid_during_training import by_eigh
-eval.fid.frechet_distance = by_eigh(eval.fid.frechet_distance)
-import train
-sys.exit(train.main(sys.argv[1:]))
-"""
+    monkeypatch.setenv("MAPDIT_FID_METHOD", "eigh")
 
 
 @pytest.fixture(autouse=True)
@@ -146,10 +129,8 @@ def test_under_ddp_each_rank_samples_its_share_and_the_fid_is_the_same(tmp_path,
         port = s.getsockname()[1]
     # Batches of 2: each rank's share (2 images) starts on a batch boundary, so the noise is the one-process noise.
     args = fast_run(tmp_path / "results", reference, "--num-steps", "2", "--eval-batch-size", "2")
-    script = tmp_path / "train_eigh.py"
-    script.write_text(EIGH_TRAIN.format(root=ROOT))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), str(script), *args], cwd=ROOT, env=ENV,
+                        "127.0.0.1", "--master_port", str(port), "train.py", *args], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     run = only_run(tmp_path / "results")
