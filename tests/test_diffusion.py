@@ -247,55 +247,210 @@ def test_samplers_with_exact_score_recover_gaussian_data():
         assert abs(x.mean().item()) < 4 * s / math.sqrt(x.numel())
 
 
-# ----------------------------------------------------------------------------- CFG entry point
+# ----------------------------------------------------------------------------- ODE samplers
+
+@pytest.mark.parametrize("sampler", ["dpm-solver++", "heun", "unipc"])
+def test_ode_samplers_with_exact_score_recover_gaussian_data(sampler):
+    """Data N(0, s²): the exact ε̂ is sqrt(1 − ᾱ) x_t / (ᾱ s² + 1 − ᾱ), with ᾱ = 1/(1 + σ²) at noise level σ;
+    the probability-flow ODE then carries the unit noise to samples of standard deviation s."""
+    from diffusion.sampling import noise_level
+
+    s = 0.5
+
+    def oracle(x, t):
+        sigma = torch.tensor([noise_level(float(v)) for v in t], dtype=torch.float64).view(-1, 1)
+        a = 1.0 / (1.0 + sigma ** 2)
+        eps = torch.sqrt(1 - a) * x.double() / (a * s * s + 1 - a)
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1).float()
+
+    from diffusion.sampling import ode_sample_loop
+
+    noise = torch.randn((1, 4000), generator=torch.Generator().manual_seed(0))
+    x = ode_sample_loop(sampler, oracle, noise, 30)
+    assert abs(x.std().item() - s) < 0.04 * s, (sampler, x.std().item())
+
+
+@pytest.mark.parametrize("sampler", ["dpm-solver++", "heun", "unipc"])
+def test_ode_samplers_read_only_the_eps_channels(sampler):
+    model = _StubDiT()
+    kw = dict(cfg_scale=1.0, num_steps=6, sampler=sampler)
+    a = sample_images(model, [1, 2], (1, 2, 2), generator=torch.Generator().manual_seed(0), **kw)
+    model.variance = 0.9  # other variance channels, same ε
+    b = sample_images(model, [1, 2], (1, 2, 2), generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_heun_on_the_karras_grid_calls_the_model_twice_per_step_but_the_last():
+    model = _StubDiT()
+    sample_images(model, [1], (1, 2, 2), cfg_scale=1.0, num_steps=7, sampler="heun",
+                  generator=torch.Generator().manual_seed(0))
+    ts = [float(c[2][0]) for c in model.calls]
+    assert len(ts) == 2 * 7 - 1
+    assert ts[0] == pytest.approx(999, abs=0.5) and any(t != round(t) for t in ts)  # fractional steps of σ
+
+
+def _trained_tiny_model(steps=40):
+    """DiT (depth 1, width 32) trained briefly on the digits at 4×4: a learned ODE in a few seconds."""
+    import data
+    from helpers import tiny_dit
+
+    ds = data.load_dataset("digits", image_size=4)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    torch.manual_seed(0)
+    model = tiny_dit(depth=1, in_channels=1, input_size=4, num_classes=10)
+    d = create_diffusion("")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        t = torch.randint(0, 1000, (32,), generator=g)
+        loss = d.training_losses(model, x[idx], t, {"y": y[idx]})["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_dpm_solver_at_few_steps_is_closer_to_the_long_ddim_solution_than_ddim():
+    """Same noise: the ODE solvers at 8 steps land nearer the 200-step DDIM image than 8-step DDIM
+    (benchmarks/sampler_convergence.py measures the whole table on a larger, longer-trained model)."""
+    model = _trained_tiny_model()
+    labels = torch.arange(8) % 10
+
+    def run(sampler, n):
+        return sample_images(model, labels, (1, 4, 4), cfg_scale=1.0, num_steps=n, sampler=sampler,
+                             generator=torch.Generator().manual_seed(3))
+
+    ref = run("ddim", 200)
+    err = {s: (run(s, 8) - ref).square().mean().sqrt().item() for s in ("ddim", "dpm-solver++", "unipc", "heun")}
+    assert max(err["dpm-solver++"], err["unipc"], err["heun"]) < 0.5 * err["ddim"], err
+    assert (run("dpm-solver++", 20) - ref).square().mean().sqrt().item() < err["dpm-solver++"]  # converges
+
+
+# ----------------------------------------------------------------------------- guidance
 
 class _StubDiT(torch.nn.Module):
-    """Stand-in for models.DiT: ε̂ depends on x and the label; forward_with_cfg guides every ε-channel, like it."""
+    """Stand-in for models.DiT: ε̂ depends on x and the label, the variance channel is constant."""
 
     num_classes = 5
+    in_channels = 1
 
-    def __init__(self):
+    def __init__(self, offset=0.0):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(0.2))
+        self.offset, self.variance = offset, 0.0
         self.calls = []
 
     def forward(self, x, t, y):
         self.calls.append(("forward", x.clone(), t.clone(), y.clone(), self.training))
-        eps = self.scale * x + 0.05 * y.view(-1, 1, 1, 1).to(x.dtype)
-        return torch.cat([eps, torch.zeros_like(x)], dim=1)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        self.calls.append(("cfg", x.clone(), t.clone(), y.clone(), cfg_scale))
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        eps, var = out.chunk(2, dim=1)
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), torch.cat([var[: len(half)]] * 2)], dim=1)
+        eps = self.scale * x + 0.05 * y.view(-1, 1, 1, 1).to(x.dtype) + self.offset
+        return torch.cat([eps, torch.full_like(x, self.variance)], dim=1)
 
 
-def test_sample_images_with_guidance_doubles_the_batch_and_returns_the_guided_half():
+def _plain_cfg(labels, scale, offset=0.0):
+    def guided(x, t):
+        yy = labels.view(-1, 1, 1, 1).float()
+        cond, uncond = 0.2 * x + 0.05 * yy + offset, 0.2 * x + 0.05 * 5 + offset
+        return torch.cat([uncond + scale * (cond - uncond), torch.zeros_like(x)], dim=1)
+    return guided
+
+
+def test_sample_images_with_guidance_runs_both_halves_in_one_doubled_batch():
     model = _StubDiT()
     labels = torch.tensor([1, 3])
     out = sample_images(model, labels, (1, 2, 2), cfg_scale=3.0, num_steps=4, sampler="ddim",
                         generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 1, 2, 2)
-    cfg_calls = [c for c in model.calls if c[0] == "cfg"]
-    assert len(cfg_calls) == 4
-    _, x, t, y, scale = cfg_calls[0]
+    assert len(model.calls) == 4
+    _, x, t, y, _ = model.calls[0]
     assert x.shape[0] == 4 and torch.equal(x[:2], x[2:])  # same noise in both halves
-    assert y.tolist() == [1, 3, 5, 5] and scale == 3.0
+    assert y.tolist() == [1, 3, 5, 5]
     assert t.tolist() == [999] * 4  # original step indices
 
     # Same result as guiding directly on the single batch with the same starting noise.
-    def guided(x, t):
-        yy = labels.view(-1, 1, 1, 1).float()
-        cond, uncond = 0.2 * x + 0.05 * yy, 0.2 * x + 0.05 * 5
-        return torch.cat([uncond + 3.0 * (cond - uncond), torch.zeros_like(x)], dim=1)
-
     z = torch.randn((2, 1, 2, 2), generator=torch.Generator().manual_seed(0))
-    expected = create_diffusion("4").ddim_sample_loop(guided, z.shape, noise=z)
+    expected = create_diffusion("4").ddim_sample_loop(_plain_cfg(labels, 3.0), z.shape, noise=z)
     torch.testing.assert_close(out, expected)
+
+
+def test_guidance_on_a_dit_equals_its_forward_with_cfg_exactly():
+    """The guided ε of the sampler is bit for bit the DiT's own forward_with_cfg on the doubled batch."""
+    from helpers import tiny_dit
+
+    torch.manual_seed(0)
+    model = tiny_dit(in_channels=2, input_size=4, num_classes=5).eval()
+    labels = torch.tensor([0, 4, 2])
+    out = sample_images(model, labels, (2, 4, 4), cfg_scale=2.5, num_steps=5, sampler="ddim",
+                        generator=torch.Generator().manual_seed(1))
+    z = torch.randn((3, 2, 4, 4), generator=torch.Generator().manual_seed(1))
+    y = torch.cat([labels, torch.full_like(labels, 5)])
+    ref = create_diffusion("5").ddim_sample_loop(model.forward_with_cfg, (6, 2, 4, 4), noise=torch.cat([z, z]),
+                                                 model_kwargs={"y": y, "cfg_scale": 2.5})
+    assert torch.equal(out, ref[:3])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
+def test_guidance_interval_spends_no_unconditional_pass_outside_it(sampler):
+    from diffusion.sampling import GuidedDenoiser, noise_level
+
+    model = _StubDiT()
+    labels = torch.tensor([1, 3])
+    lo, hi = 0.5, 5.0
+    den = GuidedDenoiser(model, labels, cfg_scale=2.0, guidance_interval=(lo, hi))
+    sample_images(model, labels, (1, 2, 2), cfg_scale=2.0, num_steps=20, sampler=sampler,
+                  generator=torch.Generator().manual_seed(0), denoiser=den)
+    sigmas = [noise_level(float(c[2][0])) for c in model.calls]
+    assert len(model.calls) == 20  # one network call per step
+    inside = [lo < s <= hi for s in sigmas]
+    assert 0 < sum(inside) < 20
+    for (_, x, _, y, _), inn in zip(model.calls, inside):
+        assert x.shape[0] == (4 if inn else 2)  # the null-label half only inside
+        assert y.tolist() == ([1, 3, 5, 5] if inn else [1, 3])
+    assert [n for _, n in den.calls] == [4 if inn else 2 for inn in inside]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "heun"])
+def test_guidance_interval_covering_every_step_equals_plain_cfg_exactly(sampler):
+    model = _StubDiT()
+    kw = dict(cfg_scale=2.0, num_steps=6, sampler=sampler)
+    plain = sample_images(model, [1, 3], (1, 2, 2), generator=torch.Generator().manual_seed(0), **kw)
+    full = sample_images(model, [1, 3], (1, 2, 2), generator=torch.Generator().manual_seed(0),
+                         guidance_interval=(0.0, float("inf")), **kw)
+    assert torch.equal(plain, full)
+    none = sample_images(model, [1, 3], (1, 2, 2), generator=torch.Generator().manual_seed(0),
+                         guidance_interval=(1e3, 1e4), **kw)  # above σ_max: never guided
+    cond = sample_images(model, [1, 3], (1, 2, 2), generator=torch.Generator().manual_seed(0),
+                         **{**kw, "cfg_scale": 1.0})
+    assert torch.equal(none, cond) and not torch.equal(plain, cond)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "unipc"])
+def test_autoguidance_with_the_main_model_as_guide_equals_the_conditional_prediction(sampler):
+    model = _StubDiT()
+    kw = dict(num_steps=5, sampler=sampler)
+    guided = sample_images(model, [1, 3], (1, 2, 2), cfg_scale=2.5, guide=model,
+                           generator=torch.Generator().manual_seed(0), **kw)
+    cond = sample_images(model, [1, 3], (1, 2, 2), cfg_scale=1.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(guided, cond)
+
+
+def test_autoguidance_extrapolates_from_the_guide_only_inside_the_interval():
+    from diffusion.sampling import GuidedDenoiser
+
+    main, guide = _StubDiT(), _StubDiT(offset=0.3)
+    labels = torch.tensor([2])
+    den = GuidedDenoiser(main, labels, cfg_scale=2.0, guide=guide, guidance_interval=(1.0, 10.0))
+    out = sample_images(main, labels, (1, 2, 2), cfg_scale=2.0, num_steps=10, sampler="ddim",
+                        generator=torch.Generator().manual_seed(0), denoiser=den)
+    names = [n for n, _ in den.calls]
+    assert 0 < names.count("guide") < 10 and names.count("cond") == 10
+    assert all(c[3].tolist() == [2] for c in guide.calls)  # the guide sees the condition, never the null label
+    # ε = ε_g + 2 (ε_m − ε_g) = ε_m − 0.3 inside the interval: the same as a main model shifted by −0.3 there
+    assert torch.isfinite(out).all()
+    x = torch.randn(1, 1, 2, 2)
+    t = torch.tensor([500])
+    torch.testing.assert_close(den(x, t)[:, :1], main(x, t, labels)[:, :1] - 0.3)
 
 
 def test_sample_images_without_guidance_runs_the_conditional_model_in_eval_mode():
@@ -303,8 +458,7 @@ def test_sample_images_without_guidance_runs_the_conditional_model_in_eval_mode(
     out = sample_images(model, [0, 4, 2], (1, 2, 2), cfg_scale=1.0, num_steps=3, sampler="ddpm",
                         generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 1, 2, 2) and torch.isfinite(out).all()
-    assert model.calls and all(c[0] == "forward" for c in model.calls)
-    assert all(c[3].tolist() == [0, 4, 2] for c in model.calls)
+    assert model.calls and all(c[3].tolist() == [0, 4, 2] for c in model.calls)
     assert not any(c[4] for c in model.calls)  # eval mode while sampling (no class dropout)
     assert model.training  # restored afterwards
 
@@ -316,12 +470,28 @@ def test_sample_images_without_guidance_runs_the_conditional_model_in_eval_mode(
     assert torch.isfinite(one_step).all()
 
 
+def test_ddim_eta_adds_noise_from_the_generator():
+    model = _StubDiT()
+    kw = dict(cfg_scale=1.0, num_steps=5, sampler="ddim")
+    a = sample_images(model, [1], (1, 2, 2), generator=torch.Generator().manual_seed(0), **kw)
+    b = sample_images(model, [1], (1, 2, 2), generator=torch.Generator().manual_seed(0), eta=1.0, **kw)
+    c = sample_images(model, [1], (1, 2, 2), generator=torch.Generator().manual_seed(0), eta=1.0, **kw)
+    assert not torch.equal(a, b) and torch.equal(b, c)
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_invalid_arguments_raise_clear_errors():
     model = _StubDiT()
     with pytest.raises(ValueError, match="sampler"):
         sample_images(model, [0], (1, 2, 2), cfg_scale=1.0, sampler="euler")
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        sample_images(model, [0], (1, 2, 2), cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="eta"):
+        sample_images(model, [0], (1, 2, 2), cfg_scale=1.0, sampler="ddim", eta=-1.0)
+    for bad in ((2.0, 1.0), (float("nan"), 1.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="guidance interval"):
+            sample_images(model, [0], (1, 2, 2), cfg_scale=2.0, guidance_interval=bad)
     for bad in (0, 1001, -5, 2.5):
         with pytest.raises(ValueError, match="num_steps"):
             sample_images(model, [0], (1, 2, 2), cfg_scale=1.0, num_steps=bad)
