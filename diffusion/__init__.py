@@ -1,4 +1,4 @@
-"""Gaussian diffusion of DiT/ADM (DESIGN §4): schedule, loss, respacing; DDPM, DDIM and ODE samplers, guidance."""
+"""Gaussian diffusion of DiT/ADM: schedule, loss, respacing; DDPM, DDIM and ODE samplers, guidance."""
 
 from .gaussian_diffusion import GaussianDiffusion
 from .respace import SpacedDiffusion, create_diffusion, space_timesteps

@@ -1,4 +1,4 @@
-"""Class-conditional sampling with classifier-free guidance or autoguidance (DESIGN §4, §8).
+"""Class-conditional sampling with classifier-free guidance or autoguidance, on the DiT/ADM diffusion.
 
 Samplers:
   ddpm          ancestral steps with the learned variance (the paper's protocol, 250 steps);
