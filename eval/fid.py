@@ -9,8 +9,8 @@ A and B are each one of
 
 * an images ``.npz`` with key ``arr_0``: uint8 N×H×W×3 (the ADM evaluator's format; N×H×W or N×H×W×1 grayscale is
   repeated to 3 channels);
-* a folder of images (``.png``/``.jpg``/``.jpeg``/``.bmp``/``.webp``, not recursive, sorted by name, converted to
-  RGB, all the same size);
+* a folder of images (``.png``/``.jpg``/``.jpeg``/``.bmp``/``.webp``, sorted by name, converted to RGB, all the same
+  size), or an ImageFolder whose images sit in class sub-folders (read recursively, sorted by path);
 * a statistics ``.npz`` with keys ``mu`` (D) and ``sigma`` (D×D), as in the ADM reference batches (when a file has
   both ``mu``/``sigma`` and ``arr_0``, the precomputed statistics are used, as the ADM evaluator does).
 
@@ -29,6 +29,8 @@ import argparse
 import os
 import sys
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `eval` importable from the repository root
@@ -190,7 +192,12 @@ def _normalise_images(arr: np.ndarray, where: str) -> np.ndarray:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The folder's images; if it has none of its own, those of its sub-folders (an ImageFolder's classes)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if files:
+        return files
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def load_images(path) -> np.ndarray:
@@ -201,11 +208,15 @@ def load_images(path) -> np.ndarray:
 
         files = _image_files(p)
         if not files:
-            raise FIDError(f"{p}: folder contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise FIDError(f"{p}: folder contains no images ({', '.join(IMAGE_EXTENSIONS)}), neither directly "
+                           "nor in class sub-folders")
         images = []
         for f in files:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise FIDError(f"{f}: not a readable image ({e})") from None
             if images and a.shape != images[0].shape:
                 raise FIDError(
                     f"{p}: images differ in size: {files[0].name} is {images[0].shape[1]}x{images[0].shape[0]}, "
@@ -216,21 +227,41 @@ def load_images(path) -> np.ndarray:
     with _open_npz(p) as z:
         if "arr_0" not in z.files:
             raise FIDError(f"{p}: no 'arr_0' (images) in this .npz (keys: {', '.join(z.files) or 'none'})")
-        return _normalise_images(z["arr_0"], str(p))
+        return _normalise_images(read_array(z, "arr_0", p), str(p))
 
 
 def _open_npz(p: Path):
+    """An open NpzFile; a .npy, a truncated or a non-zip file is a one-line FIDError."""
     try:
-        return np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise FIDError(f"{p}: not a readable .npz file ({e})") from e
+        z = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise FIDError(f"{p}: not a readable .npz file ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise FIDError(f"{p}: is a single .npy array, not an .npz; save images with np.savez(path, arr_0=images) "
+                       "or statistics with keys mu and sigma")
+    return z
+
+
+def read_array(z, key: str, p) -> np.ndarray:
+    """z[key], with a cut or pickled member reported as one FIDError line."""
+    try:
+        return z[key]
+    except ValueError as e:  # object arrays need pickle, which is never allowed here
+        raise FIDError(f"{p}: '{key}' is not a plain numeric array ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise FIDError(f"{p}: '{key}' cannot be read; the file is damaged or truncated ({e})") from None
 
 
 def _check_statistics(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
-    mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if a.dtype.kind not in "fiu":
+            raise FIDError(f"{where}: {name} must be numbers, got an array of dtype {a.dtype}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"{where}: mu must be D and sigma D x D, got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{where}: the statistics contain non-finite values")
     return mu, sigma
 
 
@@ -242,7 +273,7 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
     with _open_npz(p) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise FIDError(f"{p}: no 'mu'/'sigma' statistics in this .npz (keys: {', '.join(z.files) or 'none'})")
-        return _check_statistics(z["mu"], z["sigma"], str(p))
+        return _check_statistics(read_array(z, "mu", p), read_array(z, "sigma", p), str(p))
 
 
 def save_statistics(path, mu, sigma, **extra) -> None:
@@ -449,7 +480,7 @@ def main(argv=None) -> int:
         mu2, s2 = _stats_of(kind_b, b, args.b, lazy, args.batch_size, args.device, progress)
         print(_summary("B", args.b, kind_b, b, mu2, s2), flush=True)
         fid = frechet_distance(mu1, s1, mu2, s2, method=args.method)
-    except (FIDError, OSError) as e:  # OSError covers FileNotFoundError, InceptionWeightsError, unreadable images
+    except (FIDError, OSError, ValueError) as e:  # OSError: FileNotFoundError, InceptionWeightsError, unreadable images
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"FID: {fid:.6f}", flush=True)

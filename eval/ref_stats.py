@@ -1,11 +1,12 @@
-"""Inception reference statistics (mu, sigma) of a dataset's real images, for FID.
+"""Inception reference statistics and features of a dataset's real images, for eval/evaluate.py.
 
 python eval/ref_stats.py --data-path digits --out refs/digits.npz
 python eval/ref_stats.py --data-path mnist-test --out refs/mnist-test.npz
 python eval/ref_stats.py --data-path LATENT_DIR --out refs/imagenet128.npz   # decoded with the set's VAE
 
 Pixel sets (ImageFolder, digits, MNIST) are used as they are (the normalisation undone); latent sets are
-decoded with their VAE, so the reference sees what the generator's samples will look like.
+decoded with their VAE, so the reference sees what the generator's samples will look like. The file holds
+mu/sigma (FID), mu_s/sigma_s (sFID) and the pool3 features (precision/recall), all from one Inception pass.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from eval.fid import FIDError, compute_statistics, save_statistics
+from eval.evaluate import featurize, images_set, load_extractor, save_reference
+from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, resolve_device
 
 # The real images each built-in training set is compared with (MNIST: its 10,000 test images).
@@ -44,17 +46,26 @@ def dataset_images(dataset, batch_size: int = 256, device="cpu", max_images: int
 
 def reference_statistics(data_path: str, out: str, *, image_size: int | None = None, max_images: int | None = None,
                          device="auto", inception_weights=None, batch_size: int = 100) -> str:
-    """Computes and saves the reference statistics of `data_path` (a built-in name is mapped to its reference
-    split); returns `out`. An existing file is reused."""
-    if os.path.isfile(out):
+    """Computes and saves the reference statistics and features of `data_path` (a built-in name is mapped to its
+    reference split); returns `out`. An existing complete file is reused (one without the features of
+    precision/recall, as older versions wrote, is recomputed)."""
+    if os.path.isfile(out) and _is_complete(out):
         return out
     ref_path = BUILTIN_REFERENCES.get(str(data_path), data_path)
     dataset = data.load_dataset(ref_path, image_size=image_size)
     dev = resolve_device(device)
     images = dataset_images(dataset, device=dev, max_images=max_images)
-    mu, sigma = compute_statistics(images, batch_size=batch_size, device=dev, inception_weights=inception_weights)
-    save_statistics(out, mu, sigma, num_images=len(images), source=str(ref_path))
+    extractor = load_extractor(inception_weights, device=dev)
+    save_reference(featurize(images_set(images, str(ref_path)), extractor, batch_size=batch_size, device=dev), out)
     return out
+
+
+def _is_complete(path: str) -> bool:
+    try:
+        with _open_npz(path) as z:
+            return {"mu", "sigma", "pool"} <= set(z.files)
+    except FIDError:
+        return False
 
 
 def main(argv=None) -> int:

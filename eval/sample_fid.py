@@ -1,13 +1,17 @@
-"""FID-10K of a trained run, with the paper's protocol as defaults.
+"""FID-10K of a trained run (and the rest of the ADM evaluator's metrics), with the paper's protocol as defaults.
 
 python eval/sample_fid.py --result-dir results/000-DiT-XS-2
-torchrun --nproc_per_node=8 eval/sample_fid.py --result-dir RUN --ref refs/imagenet128.npz
+python eval/sample_fid.py --result-dir RUN --sampler dpm-solver++ --num-sampling-steps 25
+torchrun --nproc_per_node=8 eval/sample_fid.py --result-dir RUN --ref VIRTUAL_imagenet256_labeled.npz
 
 Draws --num-samples labels uniformly over the classes (seeded), splits the images across the processes,
 samples them with the post-hoc EMA (--ema-std, default 0.05), CFG 1.5 and 250 DDPM steps, writes
-RUN/fid/samples-<tag>.npz (key arr_0, uint8 N×H×W×3, the ADM evaluator's format), then computes the FID
-against --ref (a statistics .npz, an images .npz or a folder; "auto" = the run's built-in dataset, whose
-statistics are computed once and cached in RESULTS/refs/). Prints `FID: <value>` last and records it in
+RUN/fid/samples-<tag>.npz (key arr_0, uint8 N×H×W×3, the ADM evaluator's format), then evaluates them against
+--ref with eval/evaluate.py: FID, sFID, precision and recall (and the Inception Score with
+--inception-classifier). --ref is an images .npz, an image folder or ImageFolder, an ADM reference batch, or a
+statistics cache; "auto" = the run's built-in dataset, whose statistics and features are computed once and
+cached in RESULTS/refs/. The reference, the Inception weights, the guide and every option are loaded and
+checked before the first sample is drawn. Prints the metrics (ADM's lines, FID among them), records them in
 RUN/fid/fid.jsonl.
 """
 from __future__ import annotations
@@ -27,24 +31,31 @@ import torch.distributed as dist
 
 import data
 from atomic import atomic_path
-from eval.fid import FIDError, fid_from_images
+from eval.evaluate import (METRICS, check_set, evaluate, feature_dims, featurize, format_table, images_set,
+                           load_extractor, read_set)
+from eval.fid import FIDError
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from fast_paths import apply_fast_paths
 from runs import RunError, append_jsonl, load_run_model
-from sample import add_sampling_arguments, generate, precision_tag
+from sample import (OneLineParser, add_sampling_arguments, check_sampling_args, generate, load_guide,
+                    precision_tag, sampling_tag)
 from training import setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--result-dir", required=True)
     p.add_argument("--num-samples", type=int, default=10_000)
     add_sampling_arguments(p, cfg_scale=1.5, seed=42)
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass and process")
-    p.add_argument("--ref", default="auto", help='reference: stats .npz, images .npz or folder, "auto", or "none"')
+    p.add_argument("--ref", default="auto",
+                   help='reference: images .npz, image folder or ImageFolder, ADM reference batch, statistics '
+                        'cache, "auto" (the run\'s built-in dataset) or "none" (samples only)')
     p.add_argument("--out", default=None, help="samples .npz (default RUN/fid/samples-<tag>.npz)")
-    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--inception-weights", default=None, help="TorchScript FID Inception (default: the bundled one)")
+    p.add_argument("--inception-classifier", default=None, metavar="PATH",
+                   help="the Inception's classifier weights (fc.weight), to report the Inception Score")
     p.add_argument("--ckpt-ema", action="store_true",
                    help="with --ckpt: that checkpoint's tracked EMA of --ema-std (fp32, what train.py --eval-every "
                         "scores) instead of its raw weights")
@@ -62,7 +73,7 @@ def sample_tag(args) -> str:
         weights = f"ckpt{args.ckpt}" + (f"-ema{args.ema_std:g}" if args.ckpt_ema else "")
     else:
         weights = f"ema{args.ema_std:g}" + (f"-step{args.step}" if args.step is not None else "")
-    return (f"{weights}-cfg{args.cfg_scale:g}-{args.sampler}{args.num_sampling_steps}-n{args.num_samples}"
+    return (f"{weights}-cfg{args.cfg_scale:g}{sampling_tag(args)}-n{args.num_samples}"
             f"-seed{args.seed}{precision_tag(args.precision)}")
 
 
@@ -83,19 +94,34 @@ def resolve_reference(ref: str, config: dict, results_dir: str, inception_weight
     return reference_statistics(name, cache, image_size=config["input_size"], inception_weights=inception_weights)
 
 
-def run(args) -> float | None:
-    rank, world_size, device = setup_distributed(None)
+def prepare_reference(args, config: dict, device):
+    """(extractor, reference set) loaded and checked, or (None, None) for --ref none: everything that could
+    fail after hours of sampling fails now instead."""
+    if args.ref == "none":
+        return None, None
+    extractor = load_extractor(args.inception_weights, args.inception_classifier, device)
+    dims = feature_dims(extractor)
+    path = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),
+                             inception_weights=args.inception_weights)
+    reference = read_set(path)
+    check_set(reference, dims)
+    return extractor, reference
+
+
+def run(args) -> dict | None:
+    check_sampling_args(args)
     if args.num_samples < 2:
         raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
+    rank, world_size, device = setup_distributed(None)
     if args.ckpt_ema and args.ckpt is None:
         raise FIDError("--ckpt-ema needs --ckpt STEP (the checkpoint whose tracked EMA to use)")
     model, config, what = load_run_model(args.result_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
                                          step=args.step, device=device, ckpt_ema=args.ckpt_ema)
     apply_fast_paths(model)
-    reference = None
-    if rank == 0:  # check the reference before the long sampling, and compute a cached one once
-        reference = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),
-                                      inception_weights=args.inception_weights)
+    guide, guide_what = load_guide(args.guide, args, args.result_dir, config, device) if args.guide else (None, "")
+    extractor = reference = None
+    if rank == 0:  # the reference and the Inception before the long sampling (a cached reference computed once)
+        extractor, reference = prepare_reference(args, config, device)
     fid_dir = os.path.join(args.result_dir, "fid")
     out = args.out or os.path.join(fid_dir, f"samples-{sample_tag(args)}.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -104,21 +130,21 @@ def run(args) -> float | None:
     share = -(-args.num_samples // world_size)
     lo, hi = rank * share, min(args.num_samples, (rank + 1) * share)
     if rank == 0:
-        print(f"sampling {args.num_samples} images on {world_size} process(es) with {what}, cfg {args.cfg_scale:g}, "
-              f"{args.num_sampling_steps} {args.sampler} steps")
+        print(f"sampling {args.num_samples} images on {world_size} process(es) with {what}, cfg {args.cfg_scale:g}"
+              f"{', ' + guide_what if guide else ''}, {args.num_sampling_steps} {args.sampler} steps")
     start = time.perf_counter()
     # The seed of each batch depends on its global position, so the images do not depend on the process count
     # as long as each process's share is a multiple of --batch-size (e.g. 10,000 = 8 x 5 x 250).
     images = generate(model, config, labels[lo:hi].to(device), cfg_scale=args.cfg_scale,
                       num_steps=args.num_sampling_steps, sampler=args.sampler, seed=args.seed, first_index=lo,
                       batch_size=args.batch_size, device=device, progress=rank == 0, precision=args.precision,
-                      compile=args.compile)
+                      compile=args.compile, eta=args.ddim_eta, guide=guide, guidance_interval=args.guidance_interval)
     part = f"{out}.part{rank}.npy"
     with atomic_path(part) as tmp:
         np.save(tmp, images)
     if world_size > 1:
         dist.barrier()
-    fid = None
+    result = None
     if rank == 0:
         parts = [f"{out}.part{r}.npy" for r in range(world_size)]
         all_images = np.concatenate([np.load(p) for p in parts])
@@ -129,25 +155,30 @@ def run(args) -> float | None:
         elapsed = time.perf_counter() - start
         print(f"wrote {out} ({len(all_images)} images, {len(all_images) / elapsed:.1f} img/s)")
         if reference is not None:
-            fid = fid_from_images(all_images, reference, inception_weights=args.inception_weights)
-            record = {"fid": fid, "samples": out, "reference": reference, "num_samples": args.num_samples,
-                      "weights": what, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
-                      "num_sampling_steps": args.num_sampling_steps, "seed": args.seed,
-                      "precision": args.precision}
+            samples = images_set(all_images, out)
+            for s in (samples, reference):
+                featurize(s, extractor, device=device)
+            result = evaluate(samples, reference, device=device, classifier_hint="--inception-classifier")
+            record = {**{m: result[m] for m in METRICS}, "samples": out, "reference": reference.name,
+                      "num_samples": args.num_samples, "num_reference": reference.num_images, "weights": what,
+                      "cfg_scale": args.cfg_scale, "sampler": args.sampler,
+                      "num_sampling_steps": args.num_sampling_steps, "ddim_eta": args.ddim_eta,
+                      "guidance_interval": args.guidance_interval, "guide": guide_what or None,
+                      "seed": args.seed, "compute_precision": args.precision}
             os.makedirs(fid_dir, exist_ok=True)  # --out may have put the samples elsewhere
             append_jsonl(os.path.join(fid_dir, "fid.jsonl"), record)
-            print(f"FID: {fid:.4f}")
+            print(format_table(result, samples, reference))
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return fid
+    return result
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (RunError, FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:
+    except (RunError, FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:  # one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

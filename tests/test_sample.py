@@ -7,8 +7,10 @@ One tiny run (DiT-XS/2, all MP switches, 8 steps at batch 8 on the built-in 1x16
 only the FID pipeline test swaps the sampler and the Inception network for cheap stand-ins (the real network's
 2048-d covariance square root alone takes longer than this whole file on a small CPU).
 """
+import contextlib
 import json
 import math
+import shutil
 import os
 import subprocess
 import sys
@@ -159,7 +161,7 @@ def test_sample_from_checkpoint_default_output(run_dir, capsys):
     assert sample.main(["--result-dir", run_dir, "--ckpt", str(CKPT_EVERY), "--class-label", "1", "--num-samples", "2",
                         "--num-sampling-steps", "2", "--sampler", "ddim", "--cfg-scale", "1"]) == 0
     assert f"raw weights of checkpoint {CKPT_EVERY}" in capsys.readouterr().out
-    path = os.path.join(run_dir, "samples", f"ckpt{CKPT_EVERY:07d}-cfg1.png")
+    path = os.path.join(run_dir, "samples", f"ckpt{CKPT_EVERY:07d}-cfg1-ddim2.png")
     assert Image.open(path).size == grid_size(rows=1, cols=2)
 
 
@@ -226,13 +228,71 @@ def test_sample_missing_run_folder_subprocess(tmp_path):
     (["--ckpt", "7"], f"no checkpoint at step 7 in {{run}} (available: {CKPT_EVERY}, {NUM_STEPS})"),
     (["--step", "99"], "step 99 is after the last snapshot"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--seed", str(10**23)], "--seed must be an integer in 0..4294967295"),
+    (["--seed", "-1"], "--seed must be an integer in 0..4294967295"),
+    (["--device", "bogus"], "--device bogus: not a device; use cpu, cuda or cuda:N"),
+    (["--ddim-eta", "0.5"], "--ddim-eta applies to --sampler ddim only"),
+    (["--guidance-interval", "0", "nan"], "--guidance-interval: guidance interval must be 0 <= LO < HI"),
+    (["--guide", "ckpt:7"], "no checkpoint at step 7"),
+    (["--guide", "ema:-1"], "σ_rel must be a finite number > 0"),
+    (["--guide", "ema:0.1", "--cfg-scale", "1"], "--guide has no effect at --cfg-scale 1"),
 ])
-def test_sample_bad_input(run_dir, tmp_path, capsys, extra, message):
+def test_sample_bad_input(run_dir, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(sample, "generate", never_called)
     out = tmp_path / "x.png"
     assert sample.main(["--result-dir", run_dir, "--output", str(out), *extra]) == 2
     captured = capsys.readouterr()
     assert message.format(run=run_dir) in one_error_line(captured.err)
     assert not out.exists()
+
+
+def never_called(*a, **k):
+    raise AssertionError("sampling must not start after a bad input")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_sample_device_cuda_without_a_gpu_is_one_line(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "generate", never_called)
+    assert sample.main(["--result-dir", run_dir, "--device", "cuda"]) == 2
+    assert "no usable CUDA GPU; use --device cpu" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("key, value, what", [("input_size", 32, "image size is 32, this run's is 16"),
+                                              ("num_classes", 5, "class count is 5, this run's is 10")])
+def test_guide_run_of_another_shape_is_refused_before_sampling(run_dir, tmp_path, capsys, monkeypatch, key,
+                                                                value, what):
+    monkeypatch.setattr(sample, "generate", never_called)
+    other = tmp_path / "other-run"
+    other.mkdir()
+    config = json.loads(open(os.path.join(run_dir, "config.json")).read())
+    (other / "config.json").write_text(json.dumps({**config, key: value}))
+    assert sample.main(["--result-dir", run_dir, "--guide", str(other), "--cfg-scale", "2"]) == 2
+    assert what in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("form", ["ema:0.1", f"step:{CKPT_EVERY}", f"ckpt:{CKPT_EVERY}", "another-run"])
+def test_each_guide_form_samples(run_dir, tmp_path, capsys, form):
+    if form == "another-run":
+        form = str(tmp_path / "copy")
+        shutil.copytree(run_dir, form, ignore=shutil.ignore_patterns("samples", "fid"))
+    out = tmp_path / "g.png"
+    assert sample.main(["--result-dir", run_dir, "--guide", form, "--cfg-scale", "2", "--class-label", "3",
+                        "--num-samples", "2", "--sampler", "dpm-solver++", "--num-sampling-steps", "3",
+                        "--guidance-interval", "0.5", "50", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "guide " in printed and Image.open(out).size == grid_size(rows=1, cols=2)
+
+
+def test_guide_equal_to_the_main_weights_samples_the_conditional_images(run_dir):
+    model, config, _ = runs.load_run_model(run_dir, ema_std=0.05)
+    guide, _, _ = runs.load_run_model(run_dir, ema_std=0.05)
+    kw = dict(num_steps=3, sampler="ddpm", seed=4, batch_size=4, device="cpu", progress=False)
+    labels = torch.tensor([1, 2, 3])
+    guided = sample.generate(model, config, labels, cfg_scale=3.0, guide=guide, **kw)
+    np.testing.assert_array_equal(guided, sample.generate(model, config, labels, cfg_scale=1.0, **kw))
 
 
 def test_sample_not_a_run_folder(tmp_path, capsys):
@@ -347,26 +407,34 @@ class _StubInception(torch.nn.Module):
         return torch.cat([p, p * p], dim=1)
 
 
-def test_sample_fid_against_statistics(fake_run, tmp_path, capsys):
-    run, fake, _ = fake_run
-    stub = tmp_path / "stub.pt"
+def stub_inception(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.script(_StubInception()).save(str(stub))
+        torch.jit.script(_StubInception()).save(str(path))
+    return path
+
+
+def test_sample_fid_against_statistics(fake_run, tmp_path, capsys):
+    run, fake, _ = fake_run
+    stub = stub_inception(tmp_path / "stub.pt")
     feats = np.random.default_rng(1).normal(size=(64, 24))
     ref = tmp_path / "ref.npz"
     save_statistics(ref, feats.mean(0), np.cov(feats, rowvar=False))
     out = tmp_path / "elsewhere" / "s.npz"  # not under RUN/fid: fid.jsonl must still be written there
     assert sample_fid.main(["--result-dir", str(run), "--num-samples", "8", "--ref", str(ref),
                             "--inception-weights", str(stub), "--out", str(out)]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("FID: ")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[-5:]] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     with np.load(out) as z:
         images = z["arr_0"]
     want = fid_from_images(images, str(ref), inception_weights=str(stub), device="cpu", progress=False)
-    assert float(last.split()[1]) == pytest.approx(want, abs=1e-4)
+    assert float(lines[-4].split()[1]) == pytest.approx(want, abs=1e-4)
+    # statistics only, from a network without the spatial block: the other metrics say why they are missing
+    assert "n/a" in lines[-5] and "pt_inception-2015-12-05" in lines[-5]
+    assert "n/a" in lines[-3] and "n/a" in lines[-1] and "statistics only" in lines[-1]
     (record,) = [json.loads(line) for line in open(run / "fid" / "fid.jsonl")]
     assert record["fid"] == pytest.approx(want) and record["reference"] == str(ref) and record["cfg_scale"] == 1.5
+    assert record["sfid"] is None and record["precision"] is None
 
 
 def test_sample_fid_auto_reference_uses_given_weights(fake_run, tmp_path, monkeypatch):
@@ -378,21 +446,83 @@ def test_sample_fid_auto_reference_uses_given_weights(fake_run, tmp_path, monkey
         raise sample_fid.FIDError("stop here")
 
     monkeypatch.setattr(sample_fid, "reference_statistics", fake_reference_statistics)
-    weights = tmp_path / "w.pt"
-    weights.write_bytes(b"not really weights")
+    weights = stub_inception(tmp_path / "w.pt")
     assert sample_fid.main(["--result-dir", str(run), "--num-samples", "8", "--inception-weights", str(weights)]) == 2
     assert seen["name"] == "digits" and seen["image_size"] == SIZE and seen["inception_weights"] == str(weights)
     assert os.path.dirname(seen["out"]) == str(tmp_path / "refs") and seen["out"].endswith(".npz")
 
 
+def bad_references(tmp):
+    """Reference files that can only fail: each name -> the words its error line must contain."""
+    (tmp / "garbage.npz").write_bytes(b"this is not a zip file at all" * 10)
+    np.savez(tmp / "full.npz", mu=np.zeros(24), sigma=np.eye(24))
+    whole = (tmp / "full.npz").read_bytes()
+    (tmp / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    np.savez(tmp / "dim64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.save(tmp / "array.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp / "object.npz", arr_0=np.array([{"a": 1}], dtype=object))
+    np.savez(tmp / "strings.npz", mu=np.array(["a", "b"]), sigma=np.array([["a", "b"], ["c", "d"]]))
+    np.savez(tmp / "nan.npz", mu=np.full(24, np.nan), sigma=np.eye(24))
+    (tmp / "empty_folder").mkdir()
+    return {"garbage.npz": "not a readable .npz", "truncated.npz": "not a readable .npz",
+            "dim64.npz": "have 64 features but this Inception network gives 24",
+            "array.npy": "single .npy array", "object.npz": "not a plain numeric array",
+            "strings.npz": "must be numbers", "nan.npz": "non-finite", "empty_folder": "contains no images",
+            "missing.npz": "reference not found"}
+
+
+def test_sample_fid_rejects_every_bad_reference_before_sampling(fake_run, tmp_path, capsys):
+    run, fake, _ = fake_run
+    stub = stub_inception(tmp_path / "stub.pt")
+    for name, words in bad_references(tmp_path).items():
+        assert sample_fid.main(["--result-dir", str(run), "--num-samples", "8", "--ref", str(tmp_path / name),
+                                "--inception-weights", str(stub)]) == 2, name
+        assert words in one_error_line(capsys.readouterr().err), name
+    assert not fake.calls  # the sampler never ran
+
+
+def test_sample_fid_reads_a_class_subfolder_imagefolder_reference(fake_run, tmp_path, capsys):
+    run, fake, _ = fake_run
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "ref" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(tmp_path / "ref" / c / f"{i}.png")
+    assert sample_fid.main(["--result-dir", str(run), "--num-samples", "8", "--ref", str(tmp_path / "ref"),
+                            "--inception-weights", str(stub_inception(tmp_path / "stub.pt")),
+                            "--out", str(tmp_path / "s.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "10 images 16x16" in out and "FID: " in out
+    assert "Precision: 0" in out or "Precision: 1" in out  # images on both sides: precision/recall computed
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--ref", "{tmp}/missing.npz"], "reference not found"),
     (["--num-samples", "1"], "--num-samples must be at least 2"),
+    (["--inception-weights", "{tmp}/missing.pt"], "Inception weights file not found"),
+    (["--inception-weights", "{tmp}/garbage.pt"], "could not load Inception weights"),
+    (["--inception-classifier", "{tmp}/garbage.pt"], "not usable as the Inception classifier"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+    (["--ema-std", "nan"], "--ema-std must be a finite number"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--seed", str(10**23)], "--seed must be an integer in 0..4294967295"),
+    (["--seed", "1e23"], "invalid int value"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps must be in 1..1000"),
+    (["--guidance-interval", "5", "1"], "--guidance-interval"),
+    (["--guide", "ema:x"], "--guide ema:x: ema: needs a number"),
+    (["--guide", "{tmp}/nowhere"], "not a run folder"),
+    (["--sampler", "euler"], "invalid choice"),
 ])
 def test_sample_fid_bad_input_before_sampling(fake_run, tmp_path, capsys, extra, message):
     run, fake, _ = fake_run
+    (tmp_path / "garbage.pt").write_bytes(b"not a TorchScript file")
     extra = [e.format(tmp=tmp_path) for e in extra]
-    assert sample_fid.main(["--result-dir", str(run), *extra]) == 2
+    with pytest.raises(SystemExit) if message == "invalid int value" or message == "invalid choice" else \
+            contextlib.nullcontext() as exited:
+        assert sample_fid.main(["--result-dir", str(run), *extra]) == 2
+    if exited is not None:
+        assert exited.value.code == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert not fake.calls
 
