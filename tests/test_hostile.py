@@ -130,6 +130,28 @@ def damaged_run(run_dir, tmp, rel_paths, how):
     return copy
 
 
+def bad_npz(tmp, name):
+    """One of the evaluation inputs that can only fail (or ok.npz, a usable images file), written under tmp."""
+    import numpy as np
+    path = os.path.join(tmp, name)
+    ok = os.path.join(tmp, "ok.npz")
+    np.savez(ok, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    if name == "images.npy":
+        np.save(path, np.zeros((4, 8, 8, 3), np.uint8))
+    elif name == "truncated.npz":
+        whole = open(ok, "rb").read()
+        open(path, "wb").write(whole[: len(whole) // 2])
+    elif name == "object.npz":
+        np.savez(path, arr_0=np.array([None, 1], dtype=object))
+    elif name == "strings.npz":
+        np.savez(path, mu=np.array(["x"] * 3), sigma=np.array([["x"] * 3] * 3))
+    elif name == "stats.npz":
+        np.savez(path, mu=np.zeros(3), sigma=np.eye(3))
+    elif name == "dim64.npz":
+        np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
+    return path
+
+
 def write(path, text):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -267,6 +289,27 @@ SAMPLE = {
     "num-samples 0": (lambda r, t: ["--result-dir", r, "--num-samples", "0"], "--num-samples"),
     "sampler unknown": (lambda r, t: ["--result-dir", r, "--sampler", "euler"], "invalid choice"),
     "seed 1e23": (lambda r, t: ["--result-dir", r, "--seed", "1e23"], "invalid int value"),
+    "seed 10**23": (lambda r, t: ["--result-dir", r, "--seed", str(10**23)], "--seed must be an integer in 0.."),
+    "cfg-scale nan": (lambda r, t: ["--result-dir", r, "--cfg-scale", "nan"], "--cfg-scale must be a finite"),
+    "cfg-scale inf": (lambda r, t: ["--result-dir", r, "--cfg-scale", "inf"], "--cfg-scale must be a finite"),
+    "batch-size 0": (lambda r, t: ["--result-dir", r, "--batch-size", "0"], "--batch-size must be at least 1"),
+    "device bogus": (lambda r, t: ["--result-dir", r, "--device", "bogus"], "--device bogus: not a device"),
+    "device cuda:7": (lambda r, t: ["--result-dir", r, "--device", "cuda:7"], "--device cuda:7"),
+    "num-sampling-steps 0": (lambda r, t: ["--result-dir", r, "--num-sampling-steps", "0"], "in 1..1000"),
+    "heun 1 step": (lambda r, t: ["--result-dir", r, "--sampler", "heun", "--num-sampling-steps", "1"],
+                    "at least 2"),
+    "ddim-eta -1": (lambda r, t: ["--result-dir", r, "--sampler", "ddim", "--ddim-eta", "-1"], "--ddim-eta"),
+    "guidance-interval reversed": (lambda r, t: ["--result-dir", r, "--guidance-interval", "5", "1"],
+                                   "--guidance-interval"),
+    "guidance-interval one number": (lambda r, t: ["--result-dir", r, "--guidance-interval", "5"],
+                                     "expected 2 arguments"),
+    "guide not a run": (lambda r, t: ["--result-dir", r, "--guide", os.path.join(t, "nope")], "not a run folder"),
+    "guide ema:abc": (lambda r, t: ["--result-dir", r, "--guide", "ema:abc"], "needs a number"),
+    "guide ckpt:99": (lambda r, t: ["--result-dir", r, "--guide", "ckpt:99"], "no checkpoint at step 99"),
+    "guide of another size": (lambda r, t: ["--result-dir", r, "--guide", config_edited(r, t, input_size=32)],
+                              "its image size is 32"),
+    "guide of another class count": (lambda r, t: ["--result-dir", r, "--guide", config_edited(r, t, num_classes=3)],
+                                     "its class count is 3"),
 }
 
 EMA = {
@@ -316,6 +359,25 @@ FID = {
     "only one path": (lambda r, t: [os.path.join(t, "a.npz")], "required"),
     "batch-size 0": (lambda r, t: [t, t, "--batch-size", "0"], "--batch-size"),
     "method unknown": (lambda r, t: [t, t, "--method", "svd"], "invalid choice"),
+    "a .npy": (lambda r, t: [bad_npz(t, "images.npy"), bad_npz(t, "ok.npz")], "single .npy array"),
+    "a truncated .npz": (lambda r, t: [bad_npz(t, "truncated.npz"), bad_npz(t, "ok.npz")], "not a readable .npz"),
+    "an object arr_0": (lambda r, t: [bad_npz(t, "object.npz"), bad_npz(t, "ok.npz")], "not a plain numeric array"),
+    "string statistics": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "strings.npz")], "must be numbers"),
+    "garbage file": (lambda r, t: [write(os.path.join(t, "g.npz"), "garbage"), bad_npz(t, "ok.npz")],
+                     "not a readable .npz"),
+    "device bogus": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--device", "bogus"], "bogus"),
+}
+
+EVALUATE = {
+    **{name: case for name, case in FID.items() if name not in ("method unknown", "batch-size 0")},
+    "samples are statistics": (lambda r, t: [bad_npz(t, "stats.npz"), bad_npz(t, "ok.npz")], "must be images"),
+    "classifier garbage": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--inception-classifier",
+                                         write(os.path.join(t, "c.pth"), "x")], "not usable as the Inception"),
+    "classifier missing": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--inception-classifier",
+                                         os.path.join(t, "none.pth")], "classifier weights not found"),
+    "statistics of 64 features": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "dim64.npz")],
+                                  "have 64 features but this Inception network gives 2048"),
+    "batch-size 0": (lambda r, t: [t, t, "--batch-size", "0"], "--batch-size"),
 }
 
 SAMPLE_FID = {
@@ -324,6 +386,21 @@ SAMPLE_FID = {
     "num-samples 1": (lambda r, t: ["--result-dir", r, "--num-samples", "1", "--ref", "none"], "--num-samples"),
     "ckpt truncated": (lambda r, t: ["--result-dir", damaged_run(r, t, "checkpoints/0000002.pt", "truncated"),
                                      "--ckpt", "2", "--ref", "none"], "is damaged"),
+    "ref garbage": (lambda r, t: ["--result-dir", r, "--ref", write(os.path.join(t, "g.npz"), "garbage")],
+                    "not a readable .npz"),
+    "ref truncated": (lambda r, t: ["--result-dir", r, "--ref", bad_npz(t, "truncated.npz")], "not a readable .npz"),
+    "ref of 64-dim statistics": (lambda r, t: ["--result-dir", r, "--ref", bad_npz(t, "dim64.npz")],
+                                 "have 64 features but this Inception network gives 2048"),
+    "ref an empty folder": (lambda r, t: ["--result-dir", r, "--ref", t], "contains no images"),
+    "inception-weights missing": (lambda r, t: ["--result-dir", r, "--inception-weights", os.path.join(t, "w.pt")],
+                                  "Inception weights file not found"),
+    "inception-weights garbage": (lambda r, t: ["--result-dir", r, "--inception-weights",
+                                                write(os.path.join(t, "w.pt"), "x")], "could not load Inception"),
+    "cfg-scale nan": (lambda r, t: ["--result-dir", r, "--cfg-scale", "nan", "--ref", "none"], "finite number"),
+    "cfg-scale inf": (lambda r, t: ["--result-dir", r, "--cfg-scale", "inf", "--ref", "none"], "finite number"),
+    "batch-size 0": (lambda r, t: ["--result-dir", r, "--batch-size", "0", "--ref", "none"], "--batch-size"),
+    "guide of another size": (lambda r, t: ["--result-dir", r, "--guide", config_edited(r, t, input_size=32),
+                                            "--ref", "none"], "its image size is 32"),
 }
 
 REF_STATS = {
@@ -358,7 +435,7 @@ BENCH = {
 }
 
 COMMANDS = {"train": TRAIN, "sample": SAMPLE, "ema": EMA, "plots": PLOTS, "eval.fid": FID,
-            "eval.sample_fid": SAMPLE_FID, "eval.ref_stats": REF_STATS, "prepare_latents": PREPARE,
+            "eval.evaluate": EVALUATE, "eval.sample_fid": SAMPLE_FID, "eval.ref_stats": REF_STATS, "prepare_latents": PREPARE,
             "ablate": ABLATE, "bench": BENCH}
 CASES = [(module, name) for module, cases in COMMANDS.items() for name in cases]
 
