@@ -421,8 +421,8 @@ PREPARE = {
 }
 
 ABLATE = {
-    "rung 99": (lambda r, t: ["--out-dir", os.path.join(t, "a"), "--rungs", "99"], "rungs must be in"),
-    "num-steps 0": (lambda r, t: ["--out-dir", os.path.join(t, "a"), "--num-steps", "0"], "--num-steps >= 1"),
+    "rung 99": (lambda r, t: ["--out-dir", os.path.join(t, "a"), "--rungs", "99"], "rung 99 does not exist"),
+    "num-steps 0": (lambda r, t: ["--out-dir", os.path.join(t, "a"), "--num-steps", "0"], "--num-steps must be >= 1"),
     "ref missing": (lambda r, t: ["--out-dir", os.path.join(t, "a"), "--ref", os.path.join(t, "r.npz")],
                     "FID reference not found"),
 }
