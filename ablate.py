@@ -1,7 +1,7 @@
 """Ablation that can rank something: a ladder of MP configurations, each trained at a few learning rates
 and with several seeds on the same budget, scored with FID at the end and (--eval-every) during training.
 
-MAPDIT_FID_METHOD=eigh python ablate.py --preset cpu --out-dir /tmp/ablation-cpu   # the CPU protocol
+OMP_NUM_THREADS=1 MAPDIT_FID_METHOD=eigh python ablate.py --preset cpu --out-dir /tmp/ablation-cpu  # CPU
 python ablate.py --preset gpu-mnist --out-dir abl                   # one GPU (benchmarks/ablation_gpu.sh)
 python ablate.py --out-dir abl --rungs 0 5 --seeds 3 --lrs 0=1e-4,1e-3 5=1e-2,3e-3 --eval-every 500
 
