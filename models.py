@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mp_layers import MLP, Attention, MPConfig, MPEmbedding, MPLinear, activation, mp_sum, normalize
+from mp_layers import (FOURIER_CHANNELS, MLP, Attention, MPConfig, MPEmbedding, MPFourier, MPLinear, activation,
+                       mp_sum, normalize, rotate_pairs)
 
 # name: (depth, width, heads)
 MODEL_SIZES = {
@@ -93,15 +94,49 @@ class AdaLNZero(MPLinear):
         return [dict(zip(self.parts, chunks[i * k: (i + 1) * k])) for i in range(self.branches)]
 
 
+class ModulationParts(nn.ModuleDict):
+    """The follow-up paper's modulation: one zero-initialised linear from a = act(c) per part and branch
+    (scale, shift and gate: D values; rotation: D/2 angles), each with its own gain under WN.
+
+    `forward(a)` returns one dict per branch, like AdaLNZero; the gate is returned as the factor 1 + g,
+    so that every part, the gate too, is the identity at init.
+    """
+
+    def __init__(self, dim: int, mp: MPConfig, *, branches: tuple[str, ...], gated: bool):
+        parts = [p for p in mp.modulation_parts if gated or p != "gate"]
+        super().__init__({f"{b}_{p}" if b else p: MPLinear(dim, dim // 2 if p == "rotation" else dim, mp, zero_init=True)
+                          for b in branches for p in parts})
+        self.branches, self.parts = branches, parts
+
+    def forward(self, a: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for b in self.branches:
+            m = {p: self[f"{b}_{p}" if b else p](a) for p in self.parts}
+            if "gate" in m:
+                m["gate"] = 1 + m["gate"]
+            out.append(m)
+        return out
+
+
+def modulation(dim: int, mp: MPConfig, *, branches: tuple[str, ...], gated: bool) -> nn.Module:
+    """The modulation layers of a block (branches attn, mlp) or of the final layer, as `mp.modulation` says."""
+    if mp.modulation == "adaln":
+        return AdaLNZero(dim, mp, branches=len(branches), gated=gated)
+    return ModulationParts(dim, mp, branches=branches, gated=gated)
+
+
 def modulate(h: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A branch's input modulation of tokens h (B, T, D) by per-sample parts (B, D): h·(1 + scale) + shift."""
+    """A branch's input modulation of tokens h (B, T, D) by per-sample parts: h·(1 + scale) + shift, then
+    the rotation of channel pairs. Missing parts are left out."""
     scale, shift = parts.get("scale"), parts.get("shift")
     if scale is not None and shift is not None:
-        return torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1))
-    if scale is not None:
+        h = torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1))
+    elif scale is not None:
         h = h * (1 + scale.unsqueeze(1))
-    if shift is not None:
+    elif shift is not None:
         h = h + shift.unsqueeze(1)
+    if "rotation" in parts:
+        h = rotate_pairs(h, parts["rotation"])
     return h
 
 
@@ -115,15 +150,19 @@ def layer_norm(dim: int, mp: MPConfig) -> nn.Module:
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features (or, with use_mp_embedding, a learned 1000×D table), then an MLP D → D → D."""
+    """Features of the integer step t, then an MLP → D → D. The features: sinusoidal (D), or with
+    use_mp_embedding a learned 1000×D table, or with use_mp_fourier MP Fourier features (256)."""
 
     def __init__(self, dim: int, mp: MPConfig):
         super().__init__()
         self.dim = dim
-        self.table = MPEmbedding(NUM_TIMESTEPS, dim, mp) if mp.use_mp_embedding else None
-        self.mlp = MLP(dim, dim, dim, mp)
+        self.fourier = MPFourier(FOURIER_CHANNELS) if mp.use_mp_fourier else None
+        self.table = MPEmbedding(NUM_TIMESTEPS, dim, mp) if mp.use_mp_embedding and not mp.use_mp_fourier else None
+        self.mlp = MLP(FOURIER_CHANNELS if mp.use_mp_fourier else dim, dim, dim, mp)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.fourier is not None:
+            return self.mlp(self.fourier(t))
         if self.table is not None:
             return self.mlp(self.table(t.long()))
         return self.mlp(sinusoidal_timestep_embedding(t, self.dim).to(self.mlp.fc1.weight.dtype))  # fp32 (or f64)
@@ -138,7 +177,7 @@ class DiTBlock(nn.Module):
         self.norm = layer_norm(dim, mp)
         self.attn = Attention(dim, num_heads, mp)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dim, mp)
-        self.modulation = AdaLNZero(dim, mp, branches=2, gated=True)
+        self.modulation = modulation(dim, mp, branches=("attn", "mlp"), gated=True)
 
     def residual(self, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """x + gate·update, or with use_mp_residual mp_sum(x, gate·update, 0.3)."""
@@ -160,7 +199,7 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_features: int, mp: MPConfig):
         super().__init__()
         self.norm = layer_norm(dim, mp)
-        self.modulation = AdaLNZero(dim, mp, branches=1, gated=False)
+        self.modulation = modulation(dim, mp, branches=("",), gated=False)  # input parts only
         self.linear = MPLinear(dim, out_features, mp, zero_init=True)
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MP_SILU_RMS = 0.596  # RMS of silu(x) for x ~ N(0, 1)
+MODULATION_PARTS = ("scale", "shift", "rotation", "gate")  # in the order they are applied
+FOURIER_CHANNELS = 256
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -25,6 +27,25 @@ MP_SILU_RMS = 0.596  # RMS of silu(x) for x ~ N(0, 1)
 
 def _switch(help: str, *, in_all_mp: bool = True):
     return dataclasses.field(default=False, metadata={"help": help, "in_all_mp": in_all_mp})
+
+
+def parse_modulation(text: str) -> str:
+    """"adaln", or parts from scale, shift, rotation, gate joined by "+" (each once, any order), written in
+    the order they are applied (so "gate+scale" and "scale+gate" are one configuration)."""
+    if text == "adaln":
+        return text
+    parts = text.split("+")
+    if not all(p in MODULATION_PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"modulation {text!r} is not adaln or a set of parts from {', '.join(MODULATION_PARTS)} "
+                         f"joined by + (each at most once), e.g. scale+rotation+gate")
+    return "+".join(p for p in MODULATION_PARTS if p in parts)
+
+
+def _modulation_argument(text: str) -> str:
+    try:
+        return parse_modulation(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +65,19 @@ class MPConfig:
     use_no_layernorm: bool = _switch("no layer norm before the modulation")
     use_mp_pos_enc: bool = _switch("positional embedding normalised to RMS 1 per token")
     use_mp_embedding: bool = _switch("normalised label table and a learned, normalised timestep table")
+    use_mp_fourier: bool = _switch(f"MP Fourier timestep features ({FOURIER_CHANNELS} fixed random cosines of RMS 1, "
+                                   f"as EDM2) instead of sinusoidal ones or the learned table", in_all_mp=False)
+    modulation: str = dataclasses.field(default="adaln", metadata={"help": (
+        "how the condition modulates each branch: adaln (default: DiT's fused adaLN-Zero) or parts from "
+        "scale, shift, rotation, gate joined by +, e.g. scale+rotation+gate (each its own zero-init linear)")})
+
+    def __post_init__(self):
+        object.__setattr__(self, "modulation", parse_modulation(self.modulation))
+
+    @property
+    def modulation_parts(self) -> tuple[str, ...]:
+        """The parts of a non-adaLN modulation, () for adaln."""
+        return () if self.modulation == "adaln" else tuple(self.modulation.split("+"))
 
     @classmethod
     def switch_names(cls) -> list[str]:
@@ -59,22 +93,31 @@ class MPConfig:
         return cls(**{name: True for name in cls.all_mp_names()})
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        """Every field: the switches and the other options (modulation)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Adds `--use-...` for each switch and `--use-all-mp`."""
+        """Adds `--use-...` for each switch, `--use-all-mp` and `--modulation`."""
         group = parser.add_argument_group("magnitude preservation (each switch is one technique)")
         for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
             if f.name in cls.switch_names():
-                group.add_argument("--" + f.name.replace("_", "-"), action="store_true", dest=f.name,
-                                   help=f.metadata.get("help"))
+                group.add_argument(flag, action="store_true", dest=f.name, help=f.metadata["help"])
+            else:
+                group.add_argument(flag, type=_modulation_argument, default=f.default, dest=f.name,
+                                   metavar="PARTS", help=f.metadata["help"])
         group.add_argument("--use-all-mp", action="store_true",
-                           help=f"turn on all {len(cls.all_mp_names())} MP techniques of the paper")
+                           help=f"turn on the paper's {len(cls.all_mp_names())} MP techniques (the switches above "
+                                f"except {', '.join(sorted(set(cls.switch_names()) - set(cls.all_mp_names())))})")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MPConfig":
         given = {name: bool(getattr(args, name, False)) for name in cls.switch_names()}
         if getattr(args, "use_all_mp", False):
             given.update({name: True for name in cls.all_mp_names()})
-        return cls(**given)
+        return cls(**given, modulation=getattr(args, "modulation", "adaln"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,7 +125,7 @@ class MPConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MPConfig":
         """From `to_dict`'s output; keys a run folder written before an option existed take its default."""
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = cls.option_names()
         unknown = set(d) - set(valid)
         if unknown:
             raise ValueError(f"unknown MP switches {sorted(unknown)}; valid: {valid}")
@@ -93,9 +136,10 @@ class MPConfig:
 
     def describe(self) -> str:
         on = self.enabled()
-        if on == self.all_mp_names():
-            return f"all {len(on)} MP switches"
-        return ", ".join(n.removeprefix("use_") for n in on) if on else "no MP switches"
+        if set(self.all_mp_names()) <= set(on):
+            on = [f"all {len(self.all_mp_names())} MP switches"] + [n for n in on if n not in self.all_mp_names()]
+        text = ", ".join(n.removeprefix("use_") for n in on) if on else "no MP switches"
+        return text if self.modulation == "adaln" else f"{text}, modulation {self.modulation}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,6 +166,29 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def activation(mp: MPConfig):
     return mp_silu if mp.use_mp_silu else F.silu
+
+
+def rotate_pairs(h: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotates each channel pair (h_i, h_{i+D/2}) of tokens h (B, T, D) by a per-sample angle θ_i (B, D/2):
+    (h_i cos θ_i − h_{i+D/2} sin θ_i, h_i sin θ_i + h_{i+D/2} cos θ_i). A rotation: every token keeps its norm."""
+    a, b = h.chunk(2, dim=-1)
+    cos, sin = torch.cos(angles).unsqueeze(1), torch.sin(angles).unsqueeze(1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class MPFourier(nn.Module):
+    """Fixed random Fourier features of the integer step t: √2·cos(2π(f_k·t + φ_k)), f_k ~ N(0, 1),
+    φ_k ~ U(0, 1) (EDM2's MPFourier). A cosine of a uniform phase has RMS 1/√2; the √2 makes it 1."""
+
+    def __init__(self, num_channels: int = FOURIER_CHANNELS):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels))
+        self.register_buffer("phases", torch.rand(num_channels))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(self.freqs.dtype, torch.float32)
+        y = torch.outer(t.to(dtype), self.freqs.to(dtype)) + self.phases.to(dtype)
+        return (torch.cos(2 * math.pi * y) * math.sqrt(2)).to(self.freqs.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Train a class-conditional DiT with magnitude-preserving switches: the command line.
 
-One process:   python train.py --model DiT-XS/2 --use-all-mp --lr 1e-2 --num-steps 2000
+One process:   python train.py --model DiT-XS/2 --use-all-mp --num-steps 2000
 Many (DDP):    torchrun --nproc_per_node=8 train.py --data-path LATENTS --model DiT-S/4 ...
 Resume:        python train.py --resume results/000-DiT-XS-2
 
@@ -31,8 +31,11 @@ from runs import RunError, list_checkpoints, load_run_config
 from training import COMPILE_MODES, TrainingError
 
 # Options that define what a run is; on --resume they come from the run and may not be changed.
-RUN_DEFINING = ["model", "data_path", "image_size", "num_classes", "batch_size", "lr", "seed", "num_lin_warmup",
-                "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.switch_names(), "use_all_mp"]
+RUN_DEFINING = ["model", "data_path", "image_size", "num_classes", "batch_size", "lr", "mp_lr", "seed",
+                "num_lin_warmup", "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.option_names(),
+                "use_all_mp"]
+MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
+DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
 RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", *during_training.RESUMABLE]
@@ -70,8 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
     p.add_argument("--num-steps", type=int, default=400_000)
     p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="base learning rate (1e-4 as in the paper; MP networks train better at 1e-2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the plain parameters (default 1e-4, as in the paper). Given without "
+                        "--mp-lr it is the one rate of every parameter, as in the paper's eight-switch code")
+    p.add_argument("--mp-lr", type=float, default=None,
+                   help="learning rate of the weight-normalised and force-normalised weights, their gains and "
+                        "the MP tables (default 1e-2, as the paper's later code and EDM2; 1e-4 barely moves them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--log-every", type=int, default=100)
@@ -109,6 +116,16 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.start_decay = steps // 10
     if args.ema_snapshot_every is None:
         args.ema_snapshot_every = max(1, steps // 250)
+    return resolve_learning_rates(args)
+
+
+def resolve_learning_rates(args: argparse.Namespace) -> argparse.Namespace:
+    """--lr alone: one rate for everything (the eight-switch code); otherwise MP parameters at --mp-lr
+    (default 1e-2) and plain ones at --lr (default 1e-4). A run made before --mp-lr existed had one rate."""
+    if args.mp_lr is None:
+        args.mp_lr = DEFAULT_MP_LR if args.lr is None else args.lr
+    if args.lr is None:
+        args.lr = DEFAULT_LR
     return args
 
 
@@ -135,8 +152,9 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise TrainingError(f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}")
     if args.num_lin_warmup < 0 or args.start_decay < 0:
         raise TrainingError("--num-lin-warmup and --start-decay must be >= 0")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise TrainingError(f"--lr must be a positive number, got {args.lr}")
+    for name in ("lr", "mp_lr"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            raise TrainingError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
     if args.batch_size % world_size:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes; "
                             f"use a multiple of {world_size}")
@@ -176,10 +194,8 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
         raise TrainingError(f"{os.path.join(run_dir, 'config.json')} lacks the option(s) {', '.join(missing)} of "
                             f"the run; restore the file train.py wrote")
     explicit = given_options(argv)
-    conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k)
-                 and not (k in MPConfig.switch_names() + ["use_all_mp"])]
-    mp_given = MPConfig.from_args(args)
-    if (explicit & set(MPConfig.switch_names() + ["use_all_mp"])) and mp_given.to_dict() != config["mp"]:
+    conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k) and k not in MP_OPTIONS]
+    if explicit & set(MP_OPTIONS) and MPConfig.from_args(args) != MPConfig.from_dict(config["mp"]):
         conflicts.append("MP switches")
     if conflicts:
         names = ", ".join(f"--{c.replace('_', '-')}" if c != "MP switches" else c for c in sorted(conflicts))
@@ -195,7 +211,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
             setattr(resumed, k, v)
     resumed.resume = run_dir
     resumed.results_dir = os.path.dirname(os.path.abspath(run_dir))
-    return resumed, config
+    return resolve_learning_rates(resumed), config
 
 
 def train(argv=None) -> str:
@@ -238,7 +254,7 @@ def train(argv=None) -> str:
         n_params = sum(p.numel() for p in state.model.parameters())
         run.log(f"{args.model}: {n_params:,} parameters, {mp.describe()}; data {dataset!r}; "
                 f"{world_size} process(es) on {device}, precision {args.precision}, "
-                f"global batch {args.batch_size}, lr {args.lr:g}")
+                f"global batch {args.batch_size}, {training.describe_learning_rates(state.opt)}")
         run.log_disk_plan(args, n_params, state.step)
 
         meter = training.LossMeter(state, world_size, device)

@@ -20,6 +20,7 @@ import runs
 from ema import PowerEMA
 from fast_paths import apply_fast_paths
 from models import DiT, build_model
+from mp_layers import MPEmbedding, MPLinear
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -41,12 +42,40 @@ def lr_factor(step: int, warmup: int, decay_start: int) -> float:
     return 1.0
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, warmup: int, decay_start: int, device: torch.device):
-    """Adam (β = 0.9, 0.99, no weight decay; fused on CUDA) and its lr schedule (`lr_factor`)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0,
-                           fused=device.type == "cuda")
+def mp_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train at the MP rate: the weights of (forced) weight-normalised layers and
+    tables, and their gains. Their entries have unit variance and only their direction matters, so the
+    same rate moves them 10-100x less than plain weights."""
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, (MPLinear, MPEmbedding)) and (m.weight_norm or m.forced_weight_norm):
+            ids.update(id(p) for p in m.parameters(recurse=False))
+    return [p for p in model.parameters() if id(p) in ids]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, warmup: int, decay_start: int, device: torch.device,
+                   mp_lr: float | None = None):
+    """Adam (β = 0.9, 0.99, no weight decay; fused on CUDA) and its lr schedule (`lr_factor`, on every group).
+
+    Two groups, "mp" (`mp_parameters`, at `mp_lr`) and "plain" (the rest, at `lr`), when the rates differ
+    and both kinds exist; otherwise one group "all" (so checkpoints of single-rate runs keep loading)."""
+    mp_ids = {id(p) for p in mp_parameters(model)}
+    kinds = [("mp", [p for p in model.parameters() if id(p) in mp_ids], lr if mp_lr is None else mp_lr),
+             ("plain", [p for p in model.parameters() if id(p) not in mp_ids], lr)]
+    groups = [{"name": name, "params": params, "lr": rate} for name, params, rate in kinds if params]
+    if len(groups) == 2 and groups[0]["lr"] == groups[1]["lr"]:
+        groups = [{"name": "all", "params": list(model.parameters()), "lr": lr}]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8, weight_decay=0, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, decay_start))
     return opt, sched
+
+
+def describe_learning_rates(opt: torch.optim.Optimizer) -> str:
+    """e.g. "lr 0.01 for the 7,608,832 MP parameters, 0.0001 for the 256 plain ones" (base rates)."""
+    parts = [f"{g['initial_lr']:g} for the {sum(p.numel() for p in g['params']):,} "
+             + {"mp": "MP parameters", "plain": "plain ones", "all": "parameters"}[g["name"]]
+             for g in opt.param_groups]
+    return "lr " + ", ".join(parts)
 
 
 def configure_precision(precision: str, device: torch.device):
@@ -113,7 +142,7 @@ def build_state(args, dataset, mp, device: torch.device) -> TrainState:
     model = build_model(args.model, in_channels=dataset.channels, input_size=dataset.resolution,
                         num_classes=dataset.num_classes, mp=mp).to(device)
     ema = PowerEMA(model, stds=tuple(args.ema_stds))
-    opt, sched = make_optimizer(model, args.lr, args.num_lin_warmup, args.start_decay, device)
+    opt, sched = make_optimizer(model, args.lr, args.num_lin_warmup, args.start_decay, device, mp_lr=args.mp_lr)
     return TrainState(model, ema, opt, sched)
 
 
@@ -173,6 +202,7 @@ class LossMeter:
         record = {"step": step, "loss": self.sum.item() / (self.count * self.world_size),
                   # the lr this step used (the scheduler already holds the next step's)
                   "lr": args.lr * lr_factor(step - 1, args.num_lin_warmup, args.start_decay),
+                  "mp_lr": args.mp_lr * lr_factor(step - 1, args.num_lin_warmup, args.start_decay),
                   "steps_per_s": steps_per_s, "img_per_s": steps_per_s * args.batch_size,
                   "peak_mem_gib": peak_memory_gib(self.device)}
         self.sum.zero_()

@@ -1,13 +1,14 @@
 """fast_paths.py computes the plain model's numbers.
 
 The plain model (mp_layers.py, models.py) is the reference: the fast model, with the same weights, is held
-equal to it in float64 for no switch, every switch alone and all of them, outputs and gradients, in train
-and eval mode. Also: the eval-time weights of `frozen_weights`, the batched forced-WN projection,
+equal to it in float64 for no switch, every switch alone and all of them (with every modulation set),
+outputs and gradients, in train and eval mode. Also: the eval-time weights of `frozen_weights`, the batched forced-WN projection,
 torch.compile (MAPDIT_COMPILE_TESTS=0 skips those, =all compiles every switch set), state-dict
 compatibility, and smoke runs of bench.py and the two benchmark scripts.
 """
 import contextlib
 import importlib.util
+import itertools
 import math
 import os
 
@@ -18,11 +19,16 @@ import fast_paths
 from fast_paths import apply_fast_paths, frozen_weights, project_rows_
 from helpers import tiny_dit
 from models import build_model
-from mp_layers import MPConfig, normalize
+from mp_layers import MODULATION_PARTS, MPConfig, normalize
 
 SWITCHES = MPConfig.switch_names()
 CONFIGS = ([("none", MPConfig()), ("all", MPConfig(**{n: True for n in SWITCHES}))]
            + [(name.removeprefix("use_"), MPConfig(**{name: True})) for name in SWITCHES])
+# Every modulation set, with every switch on.
+MODULATION_CONFIGS = [("all+" + "+".join(parts), MPConfig(**{n: True for n in SWITCHES}, modulation="+".join(parts)))
+                      for k in range(1, len(MODULATION_PARTS) + 1) for parts in itertools.combinations(MODULATION_PARTS, k)]
+COMPILE_CONFIGS = CONFIGS + [c for c in MODULATION_CONFIGS if c[0] == "all+scale+rotation+gate"]
+CONFIGS = CONFIGS + MODULATION_CONFIGS
 CONFIG_IDS = [c[0] for c in CONFIGS]
 
 # Tiny model: 16 tokens (8×8 input, patch 2), 2 blocks, width 32, 2 heads of 16.
@@ -141,9 +147,9 @@ def test_plain_and_fast_state_dicts_are_interchangeable():
 
 def test_data_copy_swap_gives_the_new_weights_output():
     """The EMA-swap idiom `p.data.copy_(...)` does not bump a tensor's version counter; after it the model
-    must compute with the new weights (DiT-XS/8, every switch, eval mode), inside a new frozen_weights
+    must compute with the new weights (DiT-XS/8, all eight switches, eval mode), inside a new frozen_weights
     block and outside any."""
-    mp = MPConfig(**{n: True for n in SWITCHES})
+    mp = MPConfig.all_on()
     torch.manual_seed(0)
     model = apply_fast_paths(build_model("DiT-XS/8", in_channels=4, input_size=16, num_classes=10, mp=mp)).eval()
     perturb_(model)
@@ -311,7 +317,7 @@ def _compiled_matches_eager(mp, backend, sampling=True):
 
 
 @needs_compile
-@pytest.mark.parametrize("name,mp", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("name,mp", COMPILE_CONFIGS, ids=[c[0] for c in COMPILE_CONFIGS])
 def test_compile_traces_every_switch_without_graph_breaks(name, mp):
     import torch._dynamo
     torch._dynamo.reset()

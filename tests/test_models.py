@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import mp_layers
 from fast_paths import apply_fast_paths
-from helpers import interaction_configs, rms, tiny_dit
+from helpers import interaction_configs, one_thread, rms, tiny_dit
 from models import MODEL_NAMES, build_model, count_parameters, patchify, sincos_pos_embed_2d, unpatchify
 from mp_layers import MPConfig, MPEmbedding, MPLinear
 
@@ -61,6 +61,11 @@ def test_switch_interactions_run_forward_and_backward_in_fp32_and_bf16(name):
     """Every switch alone, left out of all-on, and every pair: the fast model trains with finite values in
     fp32 and bf16 autocast, and its fp32 output is the plain model's."""
     mp = interaction_configs()[name]
+    with one_thread():
+        _check_interaction(name, mp)
+
+
+def _check_interaction(name, mp):
     torch.manual_seed(1)
     plain = tiny_dit(mp, depth=1, width=16, heads=2)
     for p in plain.parameters():  # leave the zero-init state so every layer gets a gradient
