@@ -192,6 +192,7 @@ def test_every_modulation_with_the_switch_interactions_trains_in_fp32_and_bf16(m
 
 
 def test_one_adam_step_moves_mp_weights_at_the_mp_rate_and_plain_weights_at_the_plain_rate():
+    torch.manual_seed(0)
     model = tiny_dit(MPConfig(use_weight_normalization=True))  # the label table stays plain
     with torch.no_grad():
         for p in model.parameters():
