@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="FID of the tracked EMA every N steps and at the last (default 0: off)")
     g.add_argument("--eval-samples", type=int, default=1000, help="images per evaluation")
-    g.add_argument("--eval-sampler", choices=SAMPLERS, default="ddim")
-    g.add_argument("--eval-sampling-steps", type=int, default=25)
+    g.add_argument("--eval-sampler", choices=SAMPLERS, default="dpm-solver++")
+    g.add_argument("--eval-sampling-steps", type=int, default=20)
     g.add_argument("--eval-cfg-scale", type=float, default=1.5)
     g.add_argument("--eval-ema-std", type=float, default=None,
                    help="which tracked EMA (one of --ema-stds; default the first)")
