@@ -142,11 +142,26 @@ def model_from_config(config: dict) -> DiT:
                        f"train.py wrote") from None
 
 
-def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int | None = None,
+def find_checkpoint(run_dir: str, ckpt: int | str) -> tuple[int, str]:
+    """(step, path) of a checkpoint named by its step in the run, or by its file's path (as DiT users
+    pass them: RUN/checkpoints/0050000.pt, or a copy elsewhere)."""
+    if isinstance(ckpt, int) or ckpt.isdigit():
+        checkpoints = dict(list_checkpoints(run_dir))
+        if int(ckpt) not in checkpoints:
+            have = ", ".join(str(s) for s in checkpoints) or "none"
+            raise RunError(f"no checkpoint at step {int(ckpt)} in {run_dir} (available: {have})")
+        return int(ckpt), checkpoints[int(ckpt)]
+    if not os.path.isfile(ckpt):
+        raise RunError(f"checkpoint file not found: {ckpt}; pass a step of the run or a path to its .pt file")
+    named = CHECKPOINT_RE.match(os.path.basename(ckpt))
+    return (int(named.group(1)) if named else read_checkpoint(ckpt)["step"]), ckpt
+
+
+def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int | str | None = None,
                    step: int | None = None, device="cpu", ckpt_ema: bool = False) -> tuple[DiT, dict, str]:
     """The run's model in eval mode with either the post-hoc EMA for `ema_std` (at snapshot step `step`,
-    default the last) or, with `ckpt_step`, the raw training weights of that checkpoint (with `ckpt_ema`,
-    its tracked fp32 EMA of `ema_std` instead).
+    default the last) or, with `ckpt_step` (a step, or a checkpoint file's path), the raw training weights
+    of that checkpoint (with `ckpt_ema`, its tracked fp32 EMA of `ema_std` instead).
 
     Returns (model, config, a short description of the weights).
     """
@@ -155,12 +170,9 @@ def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int
                 "restore the file train.py wrote")
     model = model_from_config(config)
     if ckpt_step is not None:
-        checkpoints = dict(list_checkpoints(run_dir))
-        if ckpt_step not in checkpoints:
-            have = ", ".join(str(s) for s in checkpoints) or "none"
-            raise RunError(f"no checkpoint at step {ckpt_step} in {run_dir} (available: {have})")
-        ckpt = read_checkpoint(checkpoints[ckpt_step])
-        what, source = f"raw weights of checkpoint {ckpt_step}", f"checkpoint {checkpoints[ckpt_step]}"
+        ckpt_step, path = find_checkpoint(run_dir, ckpt_step)
+        ckpt = read_checkpoint(path)
+        what, source = f"raw weights of checkpoint {ckpt_step}", f"checkpoint {path}"
         state = ckpt["model"]
         if ckpt_ema:
             tracked = {float(s): ema for s, ema in ckpt["ema"].items()}
@@ -427,6 +439,19 @@ def remove_stale_temporaries(run_dir: str) -> tuple[int, int]:
             os.remove(path)
             freed += size
     return len(found), freed
+
+
+def checkpoint_to_resume(run_dir: str, chosen: str | None = None) -> tuple[str, dict, list[str]]:
+    """(path, contents) of the checkpoint a resume starts from: `chosen` (a file of the run's checkpoints/)
+    or else the newest that loads; and the lines to log about the choice."""
+    if chosen is None:
+        path, ckpt, skipped = newest_intact_checkpoint(run_dir)
+        return path, ckpt, [f"warning: skipped a checkpoint that does not load: {why}" for why in skipped]
+    ckpt, newest = read_checkpoint(chosen), list_checkpoints(run_dir)[-1][0]
+    if ckpt["step"] >= newest:
+        return chosen, ckpt, []
+    return chosen, ckpt, [f"note: resuming from step {ckpt['step']}, before the newest checkpoint ({newest}): the "
+                          f"checkpoints and EMA snapshots after it are rewritten as training reaches their steps"]
 
 
 def newest_intact_checkpoint(run_dir: str) -> tuple[str, dict, list[str]]:

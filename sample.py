@@ -28,7 +28,7 @@ from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS, check_guidance_interval
 from fast_paths import apply_fast_paths, frozen_weights
-from runs import RunError, load_run_config, load_run_model
+from runs import RunError, find_checkpoint, load_run_config, load_run_model
 from training import configure_precision
 
 
@@ -57,7 +57,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, cfg_scale: float, seed
     eval/sample_fid.py; the CFG scale and the seed default differently in the two."""
     p.add_argument("--ema-std", type=float, default=0.05, help="σ_rel of the post-hoc EMA")
     p.add_argument("--step", type=int, default=None, help="snapshot step of the post-hoc EMA (default: last)")
-    p.add_argument("--ckpt", type=int, default=None, metavar="STEP", help="the raw weights of this checkpoint instead")
+    p.add_argument("--ckpt", default=None, metavar="STEP|PATH",
+                   help="the raw weights of this checkpoint instead: its step, or its file (RUN/checkpoints/NNNNNNN.pt)")
     p.add_argument("--cfg-scale", type=float, default=cfg_scale,
                    help="guidance weight s: ε = ε_ref + s·(ε(c) − ε_ref), ε_ref the unconditional prediction "
                         "(or the guide's, with --guide); 1 = no guidance")
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device,
                           precision=args.precision, compile=args.compile, eta=args.ddim_eta, guide=guide,
                           guidance_interval=args.guidance_interval)
-        tag = f"ckpt{args.ckpt:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
+        tag = f"ckpt{find_checkpoint(args.result_dir, args.ckpt)[0]:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
         tag += f"-cfg{args.cfg_scale:g}" + sampling_tag(args) + precision_tag(args.precision)
         output = args.output or os.path.join(args.result_dir, "samples", f"{tag}.png")
         save_png(image_grid(images, rows=len(classes)), output)

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "graphs, which removes the kernel-launch cost that bounds small models (measured on one "
                         "GPU; see README)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR|CKPT",
+                   help="continue a run from its newest checkpoint, or from the checkpoint file given "
+                        "(RUN_DIR/checkpoints/NNNNNNN.pt)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     during_training.add_arguments(p)
     return p
@@ -178,7 +180,14 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     args = parser.parse_args(argv)
     if args.resume is None:
         return fill_defaults(args), None
-    run_dir = args.resume
+    run_dir, checkpoint = args.resume, None
+    if os.path.isfile(run_dir):  # a checkpoint file, as DiT users pass them: that checkpoint, not the newest
+        checkpoint = os.path.abspath(run_dir)
+        if (os.path.basename(os.path.dirname(checkpoint)) != "checkpoints"
+                or not runs.CHECKPOINT_RE.match(os.path.basename(checkpoint))):
+            raise TrainingError(f"--resume {args.resume}: a checkpoint to resume from is a run's "
+                                f"checkpoints/NNNNNNN.pt; pass that file, or the run folder")
+        run_dir = os.path.dirname(os.path.dirname(checkpoint))
     if not os.path.isdir(run_dir):
         raise TrainingError(f"--resume folder not found: {run_dir}")
     try:
@@ -209,7 +218,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     for k, v in vars(args).items():  # options added to train.py after the run was created
         if not hasattr(resumed, k):
             setattr(resumed, k, v)
-    resumed.resume = run_dir
+    resumed.resume, resumed.resume_checkpoint = run_dir, checkpoint
     resumed.results_dir = os.path.dirname(os.path.abspath(run_dir))
     return resolve_learning_rates(resumed), config
 
@@ -232,8 +241,8 @@ def train(argv=None) -> str:
         fid_reference = during_training.resolve_reference(args, dataset, rank, world_size)  # before any training
         notes = []  # said once the run folder's log exists
         if args.resume:
-            path, ckpt, skipped = runs.newest_intact_checkpoint(args.resume)
-            notes += [f"warning: skipped a checkpoint that does not load: {why}" for why in skipped]
+            path, ckpt, said = runs.checkpoint_to_resume(args.resume, args.resume_checkpoint)
+            notes += said
             training.resume_from(state, ckpt, path, args.model, device)
             del ckpt
         model = training.wrap_model(state.model, args, world_size, device, notes.append)

@@ -37,7 +37,7 @@ from eval.fid import FIDError
 from eval.inception import InceptionWeightsError, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from fast_paths import apply_fast_paths
-from runs import RunError, append_jsonl, load_run_model
+from runs import RunError, append_jsonl, find_checkpoint, load_run_model
 from sample import (OneLineParser, add_sampling_arguments, check_sampling_args, generate, load_guide,
                     precision_tag, sampling_tag)
 from training import setup_distributed
@@ -70,7 +70,7 @@ def fid_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
 
 def sample_tag(args) -> str:
     if args.ckpt is not None:
-        weights = f"ckpt{args.ckpt}" + (f"-ema{args.ema_std:g}" if args.ckpt_ema else "")
+        weights = f"ckpt{find_checkpoint(args.result_dir, args.ckpt)[0]}" + (f"-ema{args.ema_std:g}" if args.ckpt_ema else "")
     else:
         weights = f"ema{args.ema_std:g}" + (f"-step{args.step}" if args.step is not None else "")
     return (f"{weights}-cfg{args.cfg_scale:g}{sampling_tag(args)}-n{args.num_samples}"

@@ -165,6 +165,19 @@ def test_sample_from_checkpoint_default_output(run_dir, capsys):
     assert Image.open(path).size == grid_size(rows=1, cols=2)
 
 
+def test_ckpt_as_a_path_or_a_step_gives_the_same_images(run_dir, tmp_path):
+    common = ["--result-dir", run_dir, "--class-label", "1", "2", "--num-samples", "2", "--num-sampling-steps", "2",
+              "--sampler", "ddpm", "--cfg-scale", "1.5"]
+    path = os.path.join(run_dir, "checkpoints", f"{CKPT_EVERY:07d}.pt")
+    assert sample.main([*common, "--ckpt", str(CKPT_EVERY), "--output", str(tmp_path / "step.png")]) == 0
+    assert sample.main([*common, "--ckpt", path, "--output", str(tmp_path / "path.png")]) == 0
+    by_step, by_path = (np.asarray(Image.open(tmp_path / f"{w}.png")) for w in ("step", "path"))
+    assert by_step.std() > 0
+    np.testing.assert_array_equal(by_path, by_step)
+    assert sample.main([*common, "--ckpt", path]) == 0  # the default output is named by the step
+    assert os.path.isfile(os.path.join(run_dir, "samples", f"ckpt{CKPT_EVERY:07d}-cfg1.5.png"))
+
+
 def test_load_run_model_weights(run_dir):
     model, config, what = runs.load_run_model(run_dir, ema_std=None, ckpt_step=CKPT_EVERY)
     assert not model.training and config["num_classes"] == NUM_CLASSES

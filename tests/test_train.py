@@ -745,3 +745,30 @@ def test_default_magnitude_recording_is_timed_spaced_and_logged(tmp_path, capsys
     magnitudes = read_jsonl(os.path.join(only_run(results), "magnitudes.jsonl"))
     assert [m["step"] for m in magnitudes] == [10, 25, 30]
     assert len(magnitudes[-1]["act_rms"]) == len(magnitudes[-1]["weight_rms"]) == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# --resume with a checkpoint file (DiT style)
+
+
+def test_resume_from_a_checkpoint_file_continues_from_that_step(tmp_path, capsys):
+    """--resume RUN/checkpoints/0000002.pt resumes from step 2, not from the newest checkpoint (6), and
+    retraces the run exactly: the checkpoint of step 6 it writes equals the one the run wrote before."""
+    results = tmp_path / "results"
+    assert train.main([*FAST, "--num-steps", "6", "--ckpt-every", "2", "--results-dir", str(results)]) == 0
+    run_dir = only_run(results)
+    before = load_ckpt(run_dir, 6)
+    capsys.readouterr()
+    assert train.main(["--resume", os.path.join(run_dir, "checkpoints", "0000002.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir} from step 2" in out and "before the newest checkpoint (6)" in out
+    assert_states_close(load_ckpt(run_dir, 6)["model"], before["model"])
+    assert [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_a_file_outside_a_run_is_one_error_line(existing, tmp_path, capsys):
+    stray = tmp_path / "0000003.pt"
+    shutil.copy(runs.list_checkpoints(existing["run"])[-1][1], stray)
+    code, err = main_in_process(["--resume", str(stray)], capsys)
+    assert code == 2 and err == [f"error: --resume {stray}: a checkpoint to resume from is a run's "
+                                 f"checkpoints/NNNNNNN.pt; pass that file, or the run folder"]
