@@ -187,18 +187,18 @@ class FastDiT(DiT):
         if self._forced_layers:
             project_rows_(self.forced_weights())
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         if self.frozen:
             if torch.is_grad_enabled():
                 raise RuntimeError("frozen_weights(model) is for sampling: its weights carry no gradient; "
                                    "run the model under torch.no_grad() there")
-            return super().forward(x, t, y)
+            return super().forward(x, t, y, drop)
         if not (self.batched and self._scaled_layers):
-            return super().forward(x, t, y)
+            return super().forward(x, t, y, drop)
         for layer, w in zip(self._scaled_layers, batched_effective_weights(self._scaled_layers)):
             layer.given_weight = w
         try:
-            return super().forward(x, t, y)
+            return super().forward(x, t, y, drop)
         finally:
             for layer in self._scaled_layers:
                 layer.given_weight = None

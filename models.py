@@ -262,7 +262,9 @@ class DiT(nn.Module):
         patches = patchify(x, self.patch_size)
         return self.x_embedder(torch.cat([patches, torch.ones_like(patches[..., :1])], dim=-1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """`drop` (bool, like y): the labels to replace by the null label; by default, in training, each with
+        probability class_dropout (the trainer draws them itself when it splits a batch into micro-batches)."""
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"input of shape {tuple(x.shape[1:])} does not match the model's "
                              f"{(self.in_channels, self.input_size, self.input_size)}")
@@ -270,8 +272,9 @@ class DiT(nn.Module):
         # device at every sampling step, so there sample.py and eval/ check the labels once up front.
         if not self.training and y.device.type == "cpu" and not torch.compiler.is_compiling():
             self.check_labels(y)
-        if self.training and self.class_dropout > 0:
+        if drop is None and self.training and self.class_dropout > 0:
             drop = torch.rand(y.shape, device=y.device) < self.class_dropout
+        if drop is not None:
             y = torch.where(drop, self.num_classes, y)
 
         tokens = self.embed_patches(x)

@@ -38,7 +38,8 @@ MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
 RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
-             "num_workers", "compile", "compile_mode", "device", *during_training.RESUMABLE]
+             "num_workers", "compile", "compile_mode", "device", "batch_gpu",
+             *during_training.RESUMABLE]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
     p.add_argument("--num-steps", type=int, default=400_000)
     p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
+    p.add_argument("--batch-gpu", type=int, default=None, metavar="N",
+                   help="micro-batch per process: each process runs its share of --batch-size N items at a time, "
+                        "adding up the gradients (less memory, the same results; default: the whole share at once)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of the plain parameters (default 1e-4, as in the paper). Given without "
                         "--mp-lr it is the one rate of every parameter, as in the paper's eight-switch code")
@@ -160,6 +164,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.batch_size % world_size:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes; "
                             f"use a multiple of {world_size}")
+    local = args.batch_size // world_size
+    if args.batch_gpu is not None and (args.batch_gpu <= 0 or local % args.batch_gpu):
+        raise TrainingError(f"--batch-gpu {args.batch_gpu} does not divide the {local} items of each process "
+                            f"(--batch-size {args.batch_size} over {world_size}); pass a divisor of {local}")
     for std in args.ema_stds:
         if not 0 < std < 0.2887:
             raise TrainingError(f"--ema-stds value {std} is outside (0, 0.2887)")
@@ -278,7 +286,8 @@ def train(argv=None) -> str:
                 state.step += 1
                 meter.add(training.training_step(model, state.model, diffusion, state.opt, state.sched, state.ema,
                                                  x, y, t, step=state.step, autocast=autocast,
-                                                 compiled=args.compile, grad_clip=args.grad_clip))
+                                                 compiled=args.compile, grad_clip=args.grad_clip,
+                                                 micro_batch=args.batch_gpu))
                 step, last = state.step, state.step == args.num_steps
                 if step % args.log_every == 0 or last:
                     run.log_metrics(meter.record(args, run.last_checkpoint), args.num_steps)

@@ -147,22 +147,45 @@ def build_state(args, dataset, mp, device: torch.device) -> TrainState:
 
 
 def training_step(train_model, raw_model, diffusion, opt, sched, ema, x, y, t, *, step: int, autocast,
-                  compiled: bool, grad_clip: float = 0.0) -> torch.Tensor:
+                  compiled: bool, grad_clip: float = 0.0, micro_batch: int | None = None) -> torch.Tensor:
     """One optimiser step: hybrid loss, backward, (clip,) Adam, lr schedule, forced-WN projection, EMA update.
-    `step` is the step count after this update (the EMA's t); returns the detached mean loss."""
+    `step` is the step count after this update (the EMA's t); returns the detached mean loss.
+
+    With `micro_batch` (EDM2's --batch-gpu) the batch goes through forward and backward in slices of that
+    many items, whose gradients add up to the whole batch's: each slice's mean loss counts by its share
+    of the batch, and the noise and label dropout are drawn for the whole batch first, as one pass draws
+    them, so every item sees what it would in one pass. Under DDP only the last slice all-reduces."""
     if compiled:
         torch.compiler.cudagraph_mark_step_begin()
-    with autocast():
-        loss = diffusion.training_losses(train_model, x, t, model_kwargs={"y": y})["loss"].mean()
+    noise = torch.randn_like(x)  # the draws of one pass, in its order: the noise, then the label dropout
+    drop = torch.rand(y.shape, device=y.device) < raw_model.class_dropout if raw_model.class_dropout > 0 else None
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    size = micro_batch or len(x)
+    total = torch.zeros((), device=x.device)
+    for start in range(0, len(x), size):
+        part = slice(start, start + size)
+        kwargs = {"y": y[part]} if drop is None else {"y": y[part], "drop": drop[part]}
+        with contextlib.nullcontext() if start + size >= len(x) else no_sync(train_model):
+            with autocast():
+                losses = diffusion.training_losses(train_model, x[part], t[part], model_kwargs=kwargs,
+                                                   noise=noise[part])["loss"]
+                loss = losses.mean() * (len(losses) / len(x))  # (x 1.0, exactly, without micro-batches)
+            loss.backward()
+        total += loss.detach()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     opt.step()
     sched.step()
     raw_model.project_forced_weights_()  # forced weight normalisation, after every optimiser step
     ema.update(raw_model, step)
-    return loss.detach()
+    return total
+
+
+def no_sync(model: torch.nn.Module):
+    """DDP's no_sync (backward without the all-reduce) of `model`, or of the DDP module a compiled `model`
+    wraps; a null context for a model on one process."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.no_sync() if isinstance(inner, DDP) else contextlib.nullcontext()
 
 
 class LossMeter:

@@ -243,9 +243,10 @@ def test_batch_not_divisible_by_processes(tmp_path):
 # 2. kill -9 and exact resume
 
 
-def test_kill9_and_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("micro", [[], ["--batch-gpu", "2"]], ids=["whole-batch", "micro-batches"])
+def test_kill9_and_resume_equals_uninterrupted_run(tmp_path, micro):
     steps, every = 12, 4
-    common = [*FAST, "--num-steps", str(steps), "--ckpt-every", str(every), "--ema-snapshot-every", "4"]
+    common = [*FAST, *micro, "--num-steps", str(steps), "--ckpt-every", str(every), "--ema-snapshot-every", "4"]
 
     res_a = tmp_path / "a"
     p = run_train([*common, "--results-dir", str(res_a)])
@@ -772,3 +773,38 @@ def test_resume_from_a_file_outside_a_run_is_one_error_line(existing, tmp_path, 
     code, err = main_in_process(["--resume", str(stray)], capsys)
     assert code == 2 and err == [f"error: --resume {stray}: a checkpoint to resume from is a run's "
                                  f"checkpoints/NNNNNNN.pt; pass that file, or the run folder"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient accumulation (--batch-gpu): the same parameters as the whole batch at once
+
+
+def test_micro_batches_train_the_parameters_of_the_whole_batch(tmp_path):
+    finals = {}
+    for name, extra in [("whole", []), ("micro", ["--batch-gpu", "2"])]:
+        results = tmp_path / name
+        assert train.main([*FAST, "--use-all-mp", "--lr", "1e-2", "--precision", "fp32", "--num-steps", "4",
+                           "--ckpt-every", "4", "--results-dir", str(results), *extra]) == 0
+        finals[name] = load_ckpt(only_run(results))
+    assert_states_close(finals["micro"]["model"], finals["whole"]["model"], atol=1e-6)
+    assert_states_close(finals["micro"]["opt"]["state"][0], finals["whole"]["opt"]["state"][0], atol=1e-6)
+    assert finals["whole"]["opt"]["state"][0]["exp_avg"].abs().max() > 0  # gradients flowed
+
+
+def test_micro_batches_under_ddp_train_the_parameters_of_the_whole_batch(tmp_path):
+    """Two processes (gloo), 4 items each in micro-batches of 2 (the first backward without all-reduce):
+    the weights of the whole batch."""
+    finals = {}
+    for name, extra in [("whole", []), ("micro", ["--batch-gpu", "2"])]:
+        results = tmp_path / name
+        p = torchrun("train.py", [*FAST, "--use-all-mp", "--lr", "1e-2", "--precision", "fp32", "--num-steps", "3",
+                                  "--ckpt-every", "3", "--results-dir", str(results), *extra])
+        assert p.returncode == 0, p.stdout + p.stderr
+        finals[name] = load_ckpt(only_run(results))["model"]
+    assert_states_close(finals["micro"], finals["whole"], atol=1e-6)
+
+
+def test_batch_gpu_must_divide_the_share_of_each_process(tmp_path, capsys):
+    code, err = main_in_process([*FAST, "--batch-gpu", "3", "--results-dir", str(tmp_path)], capsys)
+    assert code == 2 and err == ["error: --batch-gpu 3 does not divide the 8 items of each process (--batch-size 8 "
+                                 "over 1); pass a divisor of 8"]
