@@ -38,7 +38,7 @@ MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
 RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
-             "num_workers", "compile", "compile_mode", "device", "batch_gpu",
+             "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
              *during_training.RESUMABLE]
 
 
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                    help="fp32, TF32 matmuls (default; same as fp32 on a CPU), or bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward instead of keeping them (less memory, "
+                        "about a third more compute; the same results)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="with --compile: torch.compile's mode (default: default); reduce-overhead replays CUDA "
                         "graphs, which removes the kernel-launch cost that bounds small models (measured on one "

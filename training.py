@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
@@ -282,14 +283,32 @@ def parse_device(text: str) -> torch.device:
 
 
 def wrap_model(model: DiT, args, world_size: int, device: torch.device, warn=print) -> torch.nn.Module:
-    """The module the step calls: the fast paths (in place), DDP over the ranks, then torch.compile, as asked."""
-    apply_fast_paths(model, ddp=world_size > 1)  # under DDP each layer normalises its own weight (fast_paths.py)
+    """The module the step calls: the fast paths (in place), gradient checkpointing, DDP over the ranks, then
+    torch.compile, as asked."""
+    # Under DDP, and when blocks are recomputed, each layer normalises its own weight (fast_paths.py): a
+    # recomputed block must take the path of its forward, and the weights batched for a forward are gone then.
+    apply_fast_paths(model, ddp=world_size > 1 or getattr(args, "grad_checkpointing", False))
+    if getattr(args, "grad_checkpointing", False):
+        checkpoint_blocks(model)
     if world_size > 1:
         if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
             warn(f"--compile-mode {args.compile_mode} (CUDA graphs) under DDP is untested here; "
                            f"if it fails or is slow, use --compile alone")
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return compile_model(model, args.compile_mode) if args.compile else model
+
+
+def checkpoint_blocks(model: DiT) -> None:
+    """Gradient checkpointing per block: a block keeps only its inputs for the backward, which recomputes
+    its activations (less memory for about one more forward of compute). The state dict is unchanged."""
+    for block in model.blocks:
+        block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(forward):
+    def run(*args):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+    return run
 
 
 class StopSignal:

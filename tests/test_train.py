@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 import runs  # noqa: E402
 import train  # noqa: E402
 import training  # noqa: E402
+from models import build_model  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 
 MODEL = "DiT-XS/8"
@@ -808,3 +809,43 @@ def test_batch_gpu_must_divide_the_share_of_each_process(tmp_path, capsys):
     code, err = main_in_process([*FAST, "--batch-gpu", "3", "--results-dir", str(tmp_path)], capsys)
     assert code == 2 and err == ["error: --batch-gpu 3 does not divide the 8 items of each process (--batch-size 8 "
                                  "over 1); pass a divisor of 8"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient checkpointing (--grad-checkpointing): the same gradients, and it trains with bf16 and compile
+
+
+@pytest.mark.parametrize("switches", [[], ["--use-all-mp"]], ids=["no-switches", "all-eight"])
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(switches):
+    import copy
+    from diffusion import create_diffusion
+    args = train.fill_defaults(train.build_parser().parse_args([*FAST, *switches]))
+    torch.manual_seed(0)
+    base = build_model(MODEL, in_channels=1, input_size=16, num_classes=10, mp=MPConfig.from_args(args))
+    diffusion = create_diffusion("")
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(8, 1, 16, 16, generator=g), torch.randn(8, 1, 16, 16, generator=g)
+    y, t = torch.randint(0, 10, (8,), generator=g), torch.randint(0, 1000, (8,), generator=g)
+    drop = torch.rand(8, generator=g) < 0.1
+    grads = {}
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        model = copy.deepcopy(base).train()
+        args.grad_checkpointing = checkpointing
+        step_model = training.wrap_model(model, args, world_size=1, device=torch.device("cpu"))
+        loss = diffusion.training_losses(step_model, x, t, model_kwargs={"y": y, "drop": drop}, noise=noise)["loss"]
+        loss.mean().backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["plain"].keys() == grads["checkpointed"].keys() and len(grads["plain"]) > 10
+    for n, grad in grads["plain"].items():
+        torch.testing.assert_close(grads["checkpointed"][n], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])
+def test_gradient_checkpointing_trains_with_bf16_and_compile(tmp_path, extra):
+    if "--compile" in extra and os.environ.get("MAPDIT_COMPILE_TESTS", "1") == "0":
+        pytest.skip("MAPDIT_COMPILE_TESTS=0")
+    results = tmp_path / "results"
+    assert train.main([*FAST, "--use-all-mp", "--lr", "1e-2", "--grad-checkpointing", *extra, "--num-steps", "2",
+                       "--ckpt-every", "2", "--results-dir", str(results)]) == 0
+    losses = [m["loss"] for m in read_jsonl(os.path.join(only_run(results), "metrics.jsonl"))]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
