@@ -29,7 +29,7 @@ from diffusion import sample_images
 from diffusion.sampling import SAMPLERS, check_guidance_interval
 from fast_paths import apply_fast_paths, frozen_weights
 from runs import RunError, find_checkpoint, load_run_config, load_run_model
-from training import configure_precision
+from training import configure_precision, parse_device
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -121,21 +121,8 @@ def check_sampling_args(args) -> None:
 
 
 def resolve_device(arg: str | None) -> torch.device:
-    """--device: None or "auto" picks CUDA when there is one; a device this machine lacks is an error."""
-    if arg is None or arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(arg)
-    except (RuntimeError, ValueError):
-        raise RunError(f"--device {arg}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RunError(f"--device {arg}: this machine has no usable CUDA GPU; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RunError(f"--device {arg}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type not in ("cpu", "mps"):
-        raise RunError(f"--device {arg}: not supported here; use cpu, cuda or cuda:N")
-    return device
+    """--device (None or "auto": CUDA when there is one), checked as train.py checks it."""
+    return parse_device(arg, RunError)
 
 
 GUIDE_FORMS = ("ema:STD", "step:N", "ckpt:N", "RUN_FOLDER")

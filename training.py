@@ -265,20 +265,23 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def parse_device(text: str) -> torch.device:
-    """--device as a torch.device: cpu, cuda or cuda:N of a GPU that is there (TrainingError otherwise)."""
+def parse_device(text: str | None, error: type[Exception] = TrainingError) -> torch.device:
+    """--device as a torch.device: None or "auto" picks CUDA when there is one; otherwise cpu, cuda or cuda:N
+    of a GPU that is there. Anything else raises `error` with one line naming the fix."""
+    if text is None or text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise TrainingError(f"--device {text} is not a device this trainer uses; pass cpu, cuda or cuda:N")
+    except (RuntimeError, ValueError):
+        raise error(f"--device {text}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise TrainingError(f"--device {text}: no CUDA GPU is available here; pass --device cpu")
+            raise error(f"--device {text}: this machine has no usable CUDA GPU; use --device cpu")
         if device.index is not None and device.index >= count:
-            raise TrainingError(f"--device {text}: this machine has {count} GPU(s), cuda:0 .. cuda:{count - 1}")
+            raise error(f"--device {text}: this machine has {count} GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise error(f"--device {text}: not supported here; use cpu, cuda or cuda:N")
     return device
 
 
