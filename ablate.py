@@ -9,9 +9,12 @@ Rungs: 0 none; 1 + weight normalisation; 2 + forced WN; 3 + MP residual, SiLU, e
 encoding; 4 + cosine attention; 5 + no layer norm (all eight switches); then all eight with each modulation
 set (6 scale+shift+gate, 7 scale+rotation+gate) where this train.py has --modulation.
 
-Learning rates differ by configuration (weight-normalised layers want ~100x the rate of plain ones), so
-each rung is trained at `--lr-grid` multiples of its own base (1e-4 without weight normalisation, 1e-2
-with it), or at the rates `--lrs RUNG=LR,LR` names. `--seeds K` trains every (rung, lr) K times, with
+Learning rates are per kind of parameter, as train.py's --mp-lr and --lr: the weight-normalised weights,
+their gains and the MP tables (weight normalisation wants ~100x the rate of plain layers) and the plain
+rest. A rung with MP parameters sweeps its MP rate, and its plain parameters train at `--plain-lr` (default
+1e-4; `same`: one rate for every parameter, the eight-switch code); a rung without them (0) sweeps its
+plain rate. The swept rates are `--lr-grid` multiples of the rung's base (1e-2 with MP parameters, 1e-4
+without) or the rates `--lrs RUNG=LR,LR` names. `--seeds K` trains every (rung, lr) K times, with
 training seeds seed..seed+K-1 and sampling seeds fid-seed..fid-seed+K-1. The report (OUT/ablation.md,
 .json) gives each rung's mean ± standard deviation over the seeds at its best lr (lowest mean), every lr
 tried, and for each pair of adjacent rungs (and each rung's best lr against its others) whether the
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import matplotlib
 
@@ -40,10 +44,11 @@ import data  # noqa: E402
 from atomic import atomic_write_text  # noqa: E402
 from diffusion.sampling import SAMPLERS  # noqa: E402
 from eval.fid import FIDError  # noqa: E402
-from models import count_parameters  # noqa: E402
+from models import DiT, count_parameters  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 from plots import plot_fid_bands, save_figure  # noqa: E402
 from runs import list_checkpoints, load_run_config, model_from_config, read_jsonl  # noqa: E402
+from training import mp_parameters  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MP_BASE_LR, PLAIN_BASE_LR = 1e-2, 1e-4
@@ -62,16 +67,19 @@ RUNGS = [(name, [f for _, fl in LADDER[: i + 1] for f in fl]) for i, (name, _) i
     ("all 8, scale+rotation+gate", [*ALL_EIGHT, "--modulation", "scale+rotation+gate"]),
 ]
 
-# Named protocols: defaults of the options below (flags given on the command line still win).
+# Named protocols: defaults of the options below (flags given on the command line still win). Their rungs 5 and 7
+# have MP parameters only (every weight, gain and table is weight-normalised), so their swept lr is the one rate
+# of every parameter, and --plain-lr changes nothing in them; rung 0 has plain ones only.
 PRESETS = {
     # One GPU, under 8 minutes: MNIST 16x16, DiT-XS/2, batch 256, 2,500 steps; FID-2K of 100 DDPM steps, CFG 1.5,
     # post-hoc EMA σ_rel 0.05, against the 10,000 MNIST test images; FID-2K (20 DPM-Solver++ steps) every 500.
+    # No switches at lr 1e-3 and 1e-4; all eight at MP lr 1e-2 and 3e-3; all eight, scale+rotation+gate at 1e-2.
     "gpu-mnist": dict(data_path="mnist", model="DiT-XS/2", batch_size=256, num_steps=2500, rungs=[0, 5, 7],
                       lrs=["0=1e-3,1e-4", "5=1e-2,3e-3", "7=1e-2"], seeds=2, fid_samples=2000, fid_steps=100,
                       sampler="ddpm", cfg_scale=1.5, eval_every=500, eval_samples=2000, eval_sampler="dpm-solver++",
                       eval_sampling_steps=20, jobs=10, num_workers=1, ema_snapshot_every=100),
-    # The 2-core CPU: the digits, DiT-XS/8, batch 32, 200 steps; no MP at 1e-4, all eight at 1e-2 and at the
-    # shared default 1e-4; two seeds; FID of 64 samples (10 DDIM steps) at steps 100 and 200, the last one
+    # The 2-core CPU: the digits, DiT-XS/8, batch 32, 200 steps; no MP at lr 1e-4, all eight at MP lr 1e-2 and at
+    # the plain default 1e-4; two seeds; FID of 64 samples (10 DDIM steps) at steps 100 and 200, the last one
     # ranks (Inception on a loaded CPU, ~2 images/s, is most of the cost).
     "cpu": dict(data_path="digits", model="DiT-XS/8", batch_size=32, num_steps=200, rungs=[0, 5],
                 lrs=["0=1e-4", "5=1e-2,1e-4"], seeds=2, fid_samples=0, eval_every=100, eval_samples=64,
@@ -79,22 +87,51 @@ PRESETS = {
 }
 
 
+def parse_rung(index: int) -> tuple[argparse.Namespace, list[str]]:
+    """The rung's flags parsed as the training CLI's MP options, and those it does not know."""
+    probe = argparse.ArgumentParser(add_help=False)
+    MPConfig.add_arguments(probe)
+    return probe.parse_known_args(RUNGS[index][1])
+
+
 def rung_available(index: int) -> bool:
     """Whether this version of the training CLI knows every flag of the rung (the modulation rungs need
     --modulation)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    MPConfig.add_arguments(probe)
-    _, unknown = probe.parse_known_args(RUNGS[index][1])
-    return not unknown
+    return not parse_rung(index)[1]
+
+
+@cache
+def parameter_kinds(index: int) -> tuple[int, int]:
+    """(MP, plain) parameter counts of a small DiT of the rung: which of the two learning rates train
+    anything (which parameters are MP depends on the switches, not on the model's size)."""
+    model = DiT(depth=1, width=16, num_heads=2, patch_size=2, in_channels=1, input_size=4, num_classes=2,
+                mp=MPConfig.from_args(parse_rung(index)[0]))
+    mp = sum(p.numel() for p in mp_parameters(model))
+    return mp, count_parameters(model) - mp
 
 
 def rung_lrs(index: int, args) -> list[float]:
+    """The rung's swept rates: its MP rate if it has MP parameters, else its plain rate."""
     if index in args.lr_table:
         return args.lr_table[index]
     if args.lr is not None:
         return [args.lr]
-    base = MP_BASE_LR if "--use-weight-normalization" in RUNGS[index][1] else PLAIN_BASE_LR
+    base = MP_BASE_LR if parameter_kinds(index)[0] else PLAIN_BASE_LR
     return [float(f"{base * m:.3g}") for m in args.lr_grid]
+
+
+def parse_plain_lr(value) -> float | str:
+    """--plain-lr: a positive number, or "same" (the swept rate for every parameter)."""
+    if value == "same":
+        return value
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"--plain-lr {value!r}: give a positive number (e.g. 1e-4), or same for one rate for every "
+                         f"parameter")
+    return rate
 
 
 def parse_lr_table(entries: list[str]) -> dict[int, list[float]]:
@@ -113,16 +150,44 @@ def parse_lr_table(entries: list[str]) -> dict[int, list[float]]:
 
 
 class Job:
-    """One (rung, lr, seed) training run and its FID."""
+    """One (rung, lr, seed) training run and its FID. `lr` is the swept rate; the run trains its MP parameters
+    at `mp_lr` (None for a rung without them) and its plain ones at `plain_lr`."""
 
     def __init__(self, args, rung: int, lr: float, k: int):
         self.rung, self.lr, self.k = rung, lr, k
         self.seed, self.fid_seed = args.seed + k, args.fid_seed + k
-        self.name = f"rung{rung}-lr{lr:g}-seed{self.seed}"
+        n_mp, n_plain = parameter_kinds(rung)
+        self.mp_lr = lr if n_mp else None
+        self.plain_lr = args.plain_lr if n_mp and args.plain_lr != "same" else lr
+        # The rates that train something; one of them: "rung5-lr0.01-seed0", the names of the runs made when
+        # every parameter had one rate, which therefore are found and reused. Two: "rung1-mplr0.01-lr0.0001-seed0".
+        self.rates = {"mp": self.mp_lr, "plain": self.plain_lr if n_plain else None}
+        used = {rate for rate in self.rates.values() if rate is not None}
+        self.name = (f"rung{rung}-lr{lr:g}-seed{self.seed}" if len(used) == 1 else
+                     f"rung{rung}-mplr{self.mp_lr:g}-lr{self.plain_lr:g}-seed{self.seed}")
         self.results_dir = os.path.join(args.out_dir, "runs", self.name)
 
+    def lr_args(self) -> list[str]:
+        """train.py's flags: --mp-lr for the MP parameters and --lr for the plain ones; --lr alone for a rung
+        without MP parameters (train.py would ignore an --mp-lr: it has no MP group to give it to)."""
+        return ([] if self.mp_lr is None else ["--mp-lr", str(self.mp_lr)]) + ["--lr", str(self.plain_lr)]
+
+    def check_rates(self, run: str) -> None:
+        """ValueError when an existing run trained its parameters at other rates than this job's."""
+        saved = load_run_config(run)["args"]
+        trained = {"mp": saved.get("mp_lr") or saved["lr"], "plain": saved["lr"]}  # (no mp_lr: one rate)
+        if any(rate is not None and trained[kind] != rate for kind, rate in self.rates.items()):
+            raise ValueError(f"{run} was trained at MP lr {trained['mp']:g}, plain lr {trained['plain']:g}, not at "
+                             f"this job's {rates_text(self.mp_lr, self.plain_lr)}; move it away or use another "
+                             f"--out-dir")
+
     def __repr__(self):
-        return f"rung {self.rung} ({RUNGS[self.rung][0]}) lr {self.lr:g} seed {self.seed}"
+        return f"rung {self.rung} ({RUNGS[self.rung][0]}) {rates_text(self.mp_lr, self.plain_lr)} seed {self.seed}"
+
+
+def rates_text(mp_lr: float | None, plain_lr: float) -> str:
+    """e.g. "MP lr 0.01, plain lr 0.0001", or "lr 0.0001" for a rung without MP parameters."""
+    return f"lr {plain_lr:g}" if mp_lr is None else f"MP lr {mp_lr:g}, plain lr {plain_lr:g}"
 
 
 def find_run(results_dir: str) -> str | None:
@@ -163,6 +228,7 @@ def train_run(args, job: Job) -> str:
     """Trains (or resumes, or reuses) one run; returns its run folder."""
     run = find_run(job.results_dir)
     if run is not None:
+        job.check_rates(run)
         steps = [s for s, _ in list_checkpoints(run)]
         if steps and steps[-1] >= args.num_steps:
             print(f"[ablate] {job}: finished run {run} reused", flush=True)
@@ -173,7 +239,7 @@ def train_run(args, job: Job) -> str:
             return run
         shutil.rmtree(run)  # killed before its first checkpoint: nothing worth keeping
     train_args = ["--data-path", args.data_path, "--model", args.model, "--results-dir", job.results_dir,
-                  "--num-steps", str(args.num_steps), "--batch-size", str(args.batch_size), "--lr", str(job.lr),
+                  "--num-steps", str(args.num_steps), "--batch-size", str(args.batch_size), *job.lr_args(),
                   "--seed", str(job.seed), "--num-workers", str(args.num_workers),
                   "--log-every", str(max(1, args.num_steps // 20)), "--ckpt-every", str(args.num_steps),
                   "--ema-snapshot-every", str(args.ema_snapshot_every or max(1, args.num_steps // 25)),
@@ -215,7 +281,7 @@ def do_job(args, job: Job) -> dict:
     speeds = sorted(r["img_per_s"] for r in metrics[1:] or metrics)
     curve = [(r["step"], r["fid"]) for r in read_jsonl(os.path.join(run, "fid_during_training.jsonl"))]
     print(f"[ablate] {job}: FID {fid:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return {"rung": job.rung, "lr": job.lr, "seed": job.seed, "fid_seed": job.fid_seed, "run": run, "fid": fid,
+    return {"rung": job.rung, "lr": job.lr, "mp_lr": job.mp_lr, "plain_lr": job.plain_lr, "seed": job.seed, "fid_seed": job.fid_seed, "run": run, "fid": fid,
             "final_loss": sum(r["loss"] for r in tail) / len(tail), "img_per_s": speeds[len(speeds) // 2],
             "curve": curve}
 
@@ -250,17 +316,20 @@ def summarize(args, results: list[dict]) -> tuple[list[dict], list[dict]]:
             runs = [r for r in results if r["rung"] == rung and r["lr"] == lr]
             if runs:
                 mean, std = mean_std([r["fid"] for r in runs])
-                by_lr[lr] = {"lr": lr, "n": len(runs), "mean": mean, "std": std, "fids": [r["fid"] for r in runs],
-                             "runs": runs}
+                by_lr[lr] = {"lr": lr, "mp_lr": runs[0]["mp_lr"], "plain_lr": runs[0]["plain_lr"], "n": len(runs),
+                             "mean": mean, "std": std, "fids": [r["fid"] for r in runs], "runs": runs}
         if not by_lr:
             continue
         best = min(by_lr.values(), key=lambda g: g["mean"])
-        config = load_run_config(best["runs"][0]["run"])
+        model = model_from_config(load_run_config(best["runs"][0]["run"]))
+        n_mp = sum(p.numel() for p in mp_parameters(model))
         rows.append({"rung": rung, "name": RUNGS[rung][0], "flags": RUNGS[rung][1], "best_lr": best["lr"],
+                     "best_mp_lr": best["mp_lr"], "best_plain_lr": best["plain_lr"],
                      "n": best["n"], "mean": best["mean"], "std": best["std"], "fids": best["fids"],
-                     "fid_by_lr": {lr: {k: g[k] for k in ("n", "mean", "std", "fids")} for lr, g in by_lr.items()},
+                     "fid_by_lr": {lr: {k: g[k] for k in ("mp_lr", "plain_lr", "n", "mean", "std", "fids")}
+                                   for lr, g in by_lr.items()},
                      "best_vs_other_lrs": {lr: compare(best, g) for lr, g in by_lr.items() if lr != best["lr"]},
-                     "params": count_parameters(model_from_config(config)),
+                     "params": count_parameters(model), "params_mp": n_mp, "params_plain": count_parameters(model) - n_mp,
                      "final_loss": mean_std([r["final_loss"] for r in best["runs"]])[0],
                      "img_per_s": sorted(r["img_per_s"] for r in best["runs"])[len(best["runs"]) // 2],
                      "runs": [r["run"] for r in best["runs"]], "curves": [r["curve"] for r in best["runs"]]})
@@ -283,37 +352,59 @@ CRITERION = ("a difference counts as real when |Δ mean| > std_a + std_b (sample
              "seeds, training and sampling seed varied together); with 2 seeds a std is a crude estimate")
 
 
+def rate_pair(mp_lr: float | None, plain_lr: float) -> str:
+    """The table's "MP / plain" learning rates, e.g. "0.01 / 0.0001", "— / 0.0001" without MP parameters."""
+    return f"{'—' if mp_lr is None else f'{mp_lr:g}'} / {plain_lr:g}"
+
+
+def swept_text(lr: float, mp_lr: float | None) -> str:
+    return f"{'MP ' if mp_lr is not None else ''}lr {lr:g}"
+
+
+def lr_note(args) -> str:
+    plain = "the same rate" if args.plain_lr == "same" else f"lr {args.plain_lr:g}"
+    return ("Learning rates per kind of parameter: a rung with MP parameters (weight-normalised weights, their "
+            f"gains, MP tables) is swept over its MP lr, its plain parameters train at {plain}; a rung without "
+            "them is swept over its (plain) lr. \"parameters\" counts each kind: a rate with no parameters of "
+            "its kind trains nothing.")
+
+
 def write_report(args, rows: list[dict], pairs: list[dict], results: list[dict]) -> None:
     budget = budget_text(args)
-    lines = ["| rung | configuration | parameters | best lr | seeds | FID (mean ± std) | final loss | img/s | "
-             "FID at each lr (mean ± std) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| rung | configuration | parameters (MP + plain) | best lr (MP / plain) | seeds | FID (mean ± std) | "
+             "final loss | img/s | FID at each lr tried (mean ± std) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        each = "; ".join(f"{lr:g}: {fmt(g)}" for lr, g in r["fid_by_lr"].items())
-        lines.append(f"| {r['rung']} | {r['name']} | {r['params']:,} | {r['best_lr']:g} | {r['n']} | {fmt(r)} | "
+        each = "; ".join(f"{rate_pair(g['mp_lr'], g['plain_lr'])}: {fmt(g)}" for g in r["fid_by_lr"].values())
+        lines.append(f"| {r['rung']} | {r['name']} | {r['params_mp']:,} + {r['params_plain']:,} | "
+                     f"{rate_pair(r['best_mp_lr'], r['best_plain_lr'])} | {r['n']} | {fmt(r)} | "
                      f"{r['final_loss']:.4f} | {r['img_per_s']:.0f} | {each} |")
     names = {r["rung"]: r["name"] for r in rows}
     comparisons = [f"- rung {p['a']} ({names[p['a']]}) → rung {p['b']} ({names[p['b']]}): Δ mean {p['delta']:+.2f}, "
                    f"spread {p['spread']:.2f}: **{p['verdict']}**" for p in pairs]
     for r in rows:
         for lr, c in r["best_vs_other_lrs"].items():
-            comparisons.append(f"- rung {r['rung']} ({r['name']}), lr {lr:g} against its best {r['best_lr']:g}: "
-                               f"Δ mean {-c['delta']:+.2f}, spread {c['spread']:.2f}: **{c['verdict']}**")
-    text = ("# Ablation\n\n" + budget + "\n\n" + "\n".join(lines) + "\n\nCriterion: " + CRITERION + ".\n\n"
-            + "\n".join(comparisons) + "\n\nEvery run: `ablation.json` (\"results\"); FID over training: "
-            "`ablation_curves.png`.\n")
+            comparisons.append(f"- rung {r['rung']} ({r['name']}), {swept_text(lr, r['best_mp_lr'])} against its "
+                               f"best {r['best_lr']:g}: Δ mean {-c['delta']:+.2f}, spread {c['spread']:.2f}: "
+                               f"**{c['verdict']}**")
+    text = ("# Ablation\n\n" + budget + "\n\n" + "\n".join(lines) + "\n\n" + lr_note(args) + "\n\nCriterion: "
+            + CRITERION + ".\n\n" + "\n".join(comparisons) + "\n\nEvery run: `ablation.json` (\"results\"); FID "
+            "over training: `ablation_curves.png`.\n")
     atomic_write_text(os.path.join(args.out_dir, "ablation.md"), text)
     atomic_write_text(os.path.join(args.out_dir, "ablation.json"), json.dumps(
-        {"budget": budget, "criterion": CRITERION, "command": args.command, "rows": rows, "pairs": pairs,
-         "results": results}, indent=2))
+        {"budget": budget, "criterion": CRITERION, "learning_rates": lr_note(args), "plain_lr": args.plain_lr,
+         "command": args.command, "rows": rows, "pairs": pairs, "results": results}, indent=2))
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color="tab:blue")
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("FID at the best lr (mean ± std)")
     ax.set_title(budget, fontsize=6, wrap=True)
     for i, r in enumerate(rows):
-        ax.text(i, r["mean"] + r["std"], f"{fmt(r)}\nlr {r['best_lr']:g}", ha="center", va="bottom", fontsize=7)
+        ax.text(i, r["mean"] + r["std"], f"{fmt(r)}\nlr {rate_pair(r['best_mp_lr'], r['best_plain_lr'])}",
+                ha="center", va="bottom", fontsize=7)
     save_figure(fig, os.path.join(args.out_dir, "ablation.png"))
-    groups = [(f"{r['name']}, lr {r['best_lr']:g}", [c for c in r["curves"] if c]) for r in rows]
+    groups = [(f"{r['name']}, {rates_text(r['best_mp_lr'], r['best_plain_lr'])}", [c for c in r["curves"] if c])
+              for r in rows]
     if any(curves for _, curves in groups):
         plot_fid_bands([(label, curves) for label, curves in groups if curves],
                        os.path.join(args.out_dir, "ablation_curves.png"), title=budget)
@@ -336,10 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rungs", type=int, nargs="+", default=list(range(len(LADDER))),
                    help=f"which rungs (0-{len(RUNGS) - 1}; default the ladder 0-{len(LADDER) - 1})")
     p.add_argument("--lr-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0],
-                   help="multiples of each rung's base lr (1e-4 plain, 1e-2 with weight normalisation)")
-    p.add_argument("--lr", type=float, default=None, help="force this single lr for every rung")
+                   help="multiples of each rung's base lr: its MP lr 1e-2 if it has MP parameters, else its "
+                        "plain lr 1e-4")
+    p.add_argument("--lr", type=float, default=None, help="sweep only this lr in every rung (the MP lr of a rung "
+                   "with MP parameters, the plain lr of one without)")
     p.add_argument("--lrs", nargs="+", default=[], metavar="RUNG=LR[,LR]",
-                   help="the learning rates of named rungs (instead of the grid), e.g. 0=1e-4,1e-3 5=1e-2")
+                   help="the swept learning rates of named rungs (instead of the grid; as --lr: the MP lr of a "
+                        "rung with MP parameters), e.g. 0=1e-4,1e-3 5=1e-2,3e-3")
+    p.add_argument("--plain-lr", default=PLAIN_BASE_LR, metavar="LR|same",
+                   help="lr of the plain parameters of rungs with MP parameters (train.py's --lr beside its "
+                        "--mp-lr; default 1e-4, the paper's); same: the swept lr for every parameter, as the "
+                        "eight-switch code's one rate")
     p.add_argument("--seeds", type=int, default=1, help="runs per (rung, lr), each with its own training and "
                    "sampling seed")
     p.add_argument("--seed", type=int, default=0, help="training seed of the first of --seeds runs")
@@ -382,6 +480,7 @@ def check_args(args) -> None:
     if bad:
         raise ValueError(f"rung {bad[0]} does not exist; rungs are 0..{len(RUNGS) - 1}")
     args.lr_table = parse_lr_table(args.lrs)
+    args.plain_lr = parse_plain_lr(args.plain_lr)
     missing = [r for r in args.rungs if not rung_available(r)]
     if missing:
         raise ValueError(f"rung {missing[0]} ({RUNGS[missing[0]][0]}) needs {' '.join(RUNGS[missing[0]][1][-2:])}, "

