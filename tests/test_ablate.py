@@ -43,11 +43,11 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory, reference):
     """Rung 0 (plain parameters only) at lr 1e-4 and rung 1 (weight normalisation: MP weights beside a plain
-    label table) at MP lr 1e-2 and 1e-3 with its plain parameters at 3e-4, two seeds each; then the same
-    command again."""
+    label table) at MP lr 1e-2 and 1e-3 with its plain parameters at 3e-4, two seeds each, two runs at a time
+    (one core each); then the same command again."""
     out = tmp_path_factory.mktemp("ladder") / "abl"
     args = ["--out-dir", str(out), *TINY, "--rungs", "0", "1", "--lrs", "0=1e-4", "1=1e-2,1e-3", "--plain-lr", "3e-4",
-            "--seeds", "2", "--fid-samples", "0", "--ref", reference]
+            "--seeds", "2", "--fid-samples", "0", "--jobs", "2", "--ref", reference]
     first = ablate_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "ablation.json").read_text())
