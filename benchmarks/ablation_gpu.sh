@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-GPU ablation protocol (ablate.py --preset gpu-mnist), meant for under 8 minutes of device time:
-# MNIST 16x16, DiT-XS/2, batch 256, 2,500 steps; no MP at lr 1e-3 and 1e-4, all eight switches at 1e-2
-# and 3e-3, all eight with scale+rotation+gate modulation at 1e-2; two seeds each; FID-2K (100 DDPM steps,
+# MNIST 16x16, DiT-XS/2, batch 256, 2,500 steps; no MP at lr 1e-3 and 1e-4, all eight switches at MP lr
+# 1e-2 and 3e-3, all eight with scale+rotation+gate modulation at MP lr 1e-2 (all eight leave no plain
+# parameter: the MP lr is the whole model's); two seeds each; FID-2K (100 DDPM steps,
 # CFG 1.5, post-hoc EMA σ_rel 0.05) against the 10,000 MNIST test images, and FID-2K (20 DPM-Solver++ steps)
 # every 500 steps. Ten runs train at once on the one card (small models leave it mostly idle).
 #
