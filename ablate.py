@@ -385,7 +385,7 @@ def write_report(args, rows: list[dict], pairs: list[dict], results: list[dict])
     for r in rows:
         for lr, c in r["best_vs_other_lrs"].items():
             comparisons.append(f"- rung {r['rung']} ({r['name']}), {swept_text(lr, r['best_mp_lr'])} against its "
-                               f"best {r['best_lr']:g}: Δ mean {-c['delta']:+.2f}, spread {c['spread']:.2f}: "
+                               f"best {r['best_lr']:g}: Δ mean {c['delta']:+.2f}, spread {c['spread']:.2f}: "
                                f"**{c['verdict']}**")
     text = ("# Ablation\n\n" + budget + "\n\n" + "\n".join(lines) + "\n\n" + lr_note(args) + "\n\nCriterion: "
             + CRITERION + ".\n\n" + "\n".join(comparisons) + "\n\nEvery run: `ablation.json` (\"results\"); FID "

@@ -80,6 +80,10 @@ def test_seeds_give_each_rung_mean_and_std_at_its_best_lr(ladder):
         assert sorted(row["fids"]) == fids and row["n"] == 2
         assert row["mean"] == pytest.approx(np.mean(fids)) and row["std"] == pytest.approx(np.std(fids, ddof=1))
     assert f"{ladder.rows[0]['mean']:.2f} ± {ladder.rows[0]['std']:.2f}" in ladder.table
+    [(other, c)] = ladder.rows[1]["best_vs_other_lrs"].items()  # the other lr is worse: its Δ mean is positive
+    by_lr = {float(lr): g for lr, g in ladder.rows[1]["fid_by_lr"].items()}
+    assert c["delta"] == pytest.approx(by_lr[float(other)]["mean"] - ladder.rows[1]["mean"]) and c["delta"] >= 0
+    assert f"MP lr {float(other):g} against its best {ladder.rows[1]['best_lr']:g}: Δ mean +{c['delta']:.2f}" in ladder.table
 
 
 def test_adjacent_rungs_are_separated_only_when_the_means_differ_by_more_than_the_spread(ladder):
