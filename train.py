@@ -31,7 +31,8 @@ from runs import RunError, list_checkpoints, load_run_config
 from training import COMPILE_MODES, TrainingError
 
 # Options that define what a run is; on --resume they come from the run and may not be changed.
-RUN_DEFINING = ["model", "data_path", "image_size", "num_classes", "batch_size", "lr", "mp_lr", "seed",
+RUN_DEFINING = ["model", "data_path", "image_size", "vae", "random_flip", "split", "image_column", "label_column",
+                "num_classes", "batch_size", "lr", "mp_lr", "seed",
                 "num_lin_warmup", "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.option_names(),
                 "use_all_mp"]
 MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
@@ -66,8 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default="digits",
-                   help="latent folder, ImageFolder, or a built-in set: digits (default), mnist")
-    p.add_argument("--image-size", type=int, default=None, help="resolution of an ImageFolder (pixel space)")
+                   help="latent folder, ImageFolder, Hugging Face dataset (a save_to_disk folder, a hub name such as "
+                        "benjamin-paine/imagenet-1k-128x128, or hf:NAME), or a built-in set: digits (default), mnist")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="centre-crop size of images (an ImageFolder or Hugging Face dataset)")
+    p.add_argument("--vae", default=None, metavar="NAME_OR_PATH",
+                   help="train images in the latent space of this diffusers AutoencoderKL (hub name such as "
+                        "stabilityai/sd-vae-ft-mse, or a local folder), encoding each batch as it is read; "
+                        "default: images train in pixel space")
+    p.add_argument("--random-flip", action="store_true",
+                   help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
+                        "mirrored posteriors of prepare_latents.py --random-flip)")
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
+    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
                    help="one of " + ", ".join(MODEL_NAMES))
@@ -247,7 +260,10 @@ def train(argv=None) -> str:
             # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
             # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
-        dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes)
+        dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes,
+                                    vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
+                                    image_column=args.image_column, label_column=args.label_column,
+                                    recorded=resumed_config["data"] if resumed_config else None)
         state = training.build_state(args, dataset, mp, device)
         fid_reference = during_training.resolve_reference(args, dataset, rank, world_size)  # before any training
         notes = []  # said once the run folder's log exists
@@ -284,7 +300,7 @@ def train(argv=None) -> str:
         state.model.train()
         with training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step):
             while state.step < args.num_steps:
-                x, y = (v.to(device, non_blocking=True) for v in next(batches))
+                x, y = dataset.model_batch(next(batches), device)  # (an on-the-fly VAE set encodes here)
                 t = training.step_timesteps(args, rank, state.step, x.shape[0], diffusion.num_timesteps, device)
                 state.step += 1
                 meter.add(training.training_step(model, state.model, diffusion, state.opt, state.sched, state.ema,

@@ -391,7 +391,9 @@ class StepBatchSampler(Sampler):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """Wraps a dataset so that item (index, seed) is drawn with the global RNG seeded by `seed`."""
+    """Wraps a dataset so that item (index, seed) is drawn with the global RNG seeded by `seed` (its posterior
+    sample, its flip): what a loader worker reads of it, `loader_item`, which `dataset.model_batch` turns
+    into the model's batch (the item itself, or the image an on-the-fly VAE set encodes in that call)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -402,7 +404,7 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         torch.manual_seed(seed)
-        return self.dataset[index]
+        return self.dataset.loader_item(index)
 
 
 def make_loader(dataset, args, rank: int, world_size: int, start_step: int, device: torch.device) -> DataLoader:

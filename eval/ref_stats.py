@@ -45,14 +45,15 @@ def dataset_images(dataset, batch_size: int = 256, device="cpu", max_images: int
 
 
 def reference_statistics(data_path: str, out: str, *, image_size: int | None = None, max_images: int | None = None,
-                         device="auto", inception_weights=None, batch_size: int = 100) -> str:
+                         device="auto", inception_weights=None, batch_size: int = 100, **columns) -> str:
     """Computes and saves the reference statistics and features of `data_path` (a built-in name is mapped to its
     reference split); returns `out`. An existing complete file is reused (one without the features of
-    precision/recall, as older versions wrote, is recomputed)."""
+    precision/recall, as older versions wrote, is recomputed). `columns` (split, image_column, label_column)
+    choose what a Hugging Face dataset provides."""
     if os.path.isfile(out) and _is_complete(out):
         return out
     ref_path = BUILTIN_REFERENCES.get(str(data_path), data_path)
-    dataset = data.load_dataset(ref_path, image_size=image_size)
+    dataset = data.load_dataset(ref_path, image_size=image_size, **columns)
     dev = resolve_device(device)
     images = dataset_images(dataset, device=dev, max_images=max_images)
     extractor = load_extractor(inception_weights, device=dev)
@@ -70,8 +71,12 @@ def _is_complete(path: str) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", required=True, help="digits, mnist, mnist-test, a latent folder or an ImageFolder")
+    p.add_argument("--data-path", required=True,
+                   help="digits, mnist, mnist-test, a latent folder, an ImageFolder or a Hugging Face dataset")
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
+    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
     p.add_argument("--out", required=True, help="statistics .npz to write (keys mu, sigma)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=100)
@@ -82,7 +87,8 @@ def main(argv=None) -> int:
         if os.path.exists(args.out):
             raise FIDError(f"{args.out} exists; remove it or choose another --out")
         reference_statistics(args.data_path, args.out, image_size=args.image_size, max_images=args.max_images,
-                             device=args.device, inception_weights=args.inception_weights, batch_size=args.batch_size)
+                             device=args.device, inception_weights=args.inception_weights, batch_size=args.batch_size,
+                             split=args.split, image_column=args.image_column, label_column=args.label_column)
     except (FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

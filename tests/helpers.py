@@ -40,3 +40,37 @@ def one_thread():
 
 def rms(x):
     return x.float().square().mean().sqrt().item()
+
+
+def save_tiny_vae(path, blocks=(8, 16)):
+    """A randomly initialised diffusers AutoencoderKL (3 -> 4 channels, downsampling 2^(len(blocks)-1)),
+    saved with save_pretrained to `path`; returns the path as a string."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(str(path))
+    return str(path)
+
+
+def save_tiny_hf_dataset(path, n=8, classes=("cat", "dog"), splits=None, seed=0):
+    """A Hugging Face image dataset written with save_to_disk (never downloaded): `n` RGB images of varied,
+    non-square sizes (the centre crop matters), a ClassLabel "label" and a text column "caption".
+    With `splits` (names), a DatasetDict of that many copies."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (20 + 3 * (i % 3), 18 + 5 * (i % 2), 3), dtype=np.uint8))
+              for i in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes)),
+                                  "caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [i % len(classes) for i in range(n)],
+                                     "caption": [f"picture {i}" for i in range(n)]}, features=features)
+    if splits:
+        ds = datasets.DatasetDict({s: ds for s in splits})
+    ds.save_to_disk(str(path))
+    return str(path)

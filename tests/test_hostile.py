@@ -173,6 +173,17 @@ def latents(folder, labels=None, nan=False):
     return str(folder)
 
 
+def hf_images(tmp):
+    """A Hugging Face dataset on disk (splits train and test; columns image, label, caption)."""
+    from helpers import save_tiny_hf_dataset
+    return save_tiny_hf_dataset(os.path.join(tmp, "hf"), n=2, splits=("train", "test"))
+
+
+def hf_run(*extra):
+    """train.py on a Hugging Face dataset on disk, with `extra`."""
+    return lambda r, t: new_run("--data-path", hf_images(t), "--image-size", "8", *extra)(r, t)
+
+
 def config_replaced(run_dir, tmp, text):
     copy = linked_copy(run_dir, os.path.join(tmp, "edited"))
     os.remove(os.path.join(copy, "config.json"))
@@ -247,6 +258,19 @@ TRAIN = {
                                 "--num-classes 1000001"),
     "data with NaN": (lambda r, t: new_run("--data-path", latents(os.path.join(t, "lat"), nan=True))(r, t),
                       "non-finite"),
+    "hf split unknown": (hf_run("--split", "validation"), "no split 'validation'; pass --split with one of: train"),
+    "hf image column missing": (hf_run("--image-column", "picture"), "no column 'picture'"),
+    "hf image column not images": (hf_run("--image-column", "caption"), "not images; pass --image-column"),
+    "hf label column missing": (hf_run("--label-column", "class"), "pass --label-column NAME"),
+    "hf label column text": (hf_run("--label-column", "caption"), "not integer class labels"),
+    "hf images without image-size": (lambda r, t: new_run("--data-path", hf_images(t))(r, t), "pass --image-size"),
+    "vae folder missing": (lambda r, t: hf_run("--vae", os.path.join(t, "no-vae"))(r, t), "VAE folder not found"),
+    "vae with a built-in set": (new_run("--vae", "some/vae"), "built-in set trained in pixel space; drop --vae"),
+    "vae with a latent folder": (lambda r, t: new_run("--data-path", latents(os.path.join(t, "lat")), "--vae",
+                                                      "some/vae")(r, t), "already encoded"),
+    "random-flip without mirrored latents": (lambda r, t: new_run("--data-path", latents(os.path.join(t, "lat")),
+                                                                  "--random-flip")(r, t),
+                                             "prepare_latents.py --random-flip"),
     "resume missing folder": (lambda r, t: ["--resume", os.path.join(t, "nope")], "not found"),
     "resume not a run folder": (lambda r, t: ["--resume", t], "no config.json"),
     "resume config.json '{}'": (lambda r, t: ["--resume", config_replaced(r, t, "{}")], "config.json"),
@@ -418,6 +442,12 @@ PREPARE = {
     "batch-size 0": (lambda r, t: ["--data-path", t, "--out", os.path.join(t, "o"), "--batch-size", "0"],
                      "--batch-size must be positive"),
     "empty image folder": (lambda r, t: ["--data-path", t, "--out", os.path.join(t, "o")], "is empty"),
+    "hf split unknown": (lambda r, t: ["--data-path", hf_images(t), "--out", os.path.join(t, "o"), "--split", "val"],
+                         "no split 'val'"),
+    "hf image column not images": (lambda r, t: ["--data-path", hf_images(t), "--out", os.path.join(t, "o"),
+                                                 "--image-column", "label"], "not images"),
+    "a latent folder as input": (lambda r, t: ["--data-path", latents(os.path.join(t, "lat")), "--out",
+                                               os.path.join(t, "o")], "latent folder already"),
 }
 
 ABLATE = {

@@ -11,24 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data as D  # noqa: E402
 import prepare_latents  # noqa: E402
+from helpers import save_tiny_vae  # noqa: E402
 
 BLOCKS = (8, 16)
 
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(BLOCKS),
-        up_block_types=("UpDecoderBlock2D",) * len(BLOCKS),
-        block_out_channels=BLOCKS, layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(str(path))
-    return str(path)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae", BLOCKS)
 
 
 def _images(root, per_class=3, classes=("a", "b", "c")):
