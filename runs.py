@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from atomic import TEMP_RE, DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file, temp_prefix
 from ema import reconstruct_ema
+from logs import RateWindow, Trackers
 from models import DiT, build_model
 from mp_layers import MPConfig
 
@@ -259,6 +260,21 @@ class Run:
     def __init__(self, path: str, rank: int):
         self.path, self.writer = path, rank == 0
         self.logger = setup_logging(path, rank)
+        self.rate, self.logged_step = RateWindow(), 0  # for the ETA of the log lines
+        self.trackers = None  # TensorBoard / W&B (logs.py), fed with every record appended
+
+    @contextlib.contextmanager
+    def tracking(self, args, resumed_step: int):
+        """Within the block, the experiment trackers `args` ask for (--tensorboard, --wandb) receive what the
+        run logs (rank 0 only); they are closed at its end, however it ends."""
+        if self.writer:
+            self.trackers = Trackers(args, self.path, resumed_step)
+        try:
+            yield
+        finally:
+            if self.trackers is not None:
+                self.trackers.close()
+                self.trackers = None
 
     @classmethod
     def create(cls, results_dir: str, model_name: str, rank: int, world_size: int, lock: RunLock) -> "Run":
@@ -279,6 +295,7 @@ class Run:
         """The run folder resumed at `step`, already locked by `lock` (on rank 0): the temporary files of
         writes a kill interrupted are removed, and the logs lose the records written after that checkpoint."""
         run = cls(path, rank)
+        run.logged_step = step
         if run.writer:
             lock.name_holder()
             removed, freed = remove_stale_temporaries(path)
@@ -299,15 +316,26 @@ class Run:
             atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(config, indent=2))
 
     def append(self, name: str, record: dict) -> None:
-        """One record appended to the jsonl log `name` (metrics.jsonl, magnitudes.jsonl)."""
+        """One record appended to the jsonl log `name` (metrics.jsonl, magnitudes.jsonl), and handed to the
+        trackers (the same numbers)."""
         if self.writer:
             append_jsonl(os.path.join(self.path, name), record)
+            if self.trackers is not None:
+                self.trackers.record(name, record)
+
+    def images(self, tag: str, images, step: int) -> None:
+        """A grid of uint8 N×H×W×C images for the trackers (the run folder keeps no copy)."""
+        if self.writer and self.trackers is not None:
+            self.trackers.images(tag, images, step)
 
     def log_metrics(self, record: dict, num_steps: int) -> None:
-        """A log line and a metrics.jsonl record of a training step."""
+        """A log line and a metrics.jsonl record of a training step. The ETA is the steps left over the
+        rate of the last few log intervals of this process (so a resumed run's is its own)."""
+        steps, self.logged_step = record["step"] - self.logged_step, record["step"]
+        self.rate.add(steps, steps / record["steps_per_s"] if record["steps_per_s"] > 0 else 0.0)
         self.log(f"step {record['step']:7d}/{num_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                  f"{record['steps_per_s']:.2f} steps/s  {record['img_per_s']:.0f} img/s  "
-                 f"peak {record['peak_mem_gib']:.2f} GiB")
+                 f"peak {record['peak_mem_gib']:.2f} GiB  eta {self.rate.eta(num_steps - record['step'])}")
         self.append("metrics.jsonl", record)
 
     def log_disk_plan(self, args, n_params: int, start_step: int) -> None:
@@ -376,7 +404,7 @@ class Run:
 LOCK_FILE = ".lock"
 # train.py's own files at the top of the run folder (the other writers, sample.py and ema.py, write to
 # sub-folders of their own).
-TRAIN_FILES = ("config.json", "metrics.jsonl", "magnitudes.jsonl", "loss.png", "magnitudes.png")
+TRAIN_FILES = ("config.json", "metrics.jsonl", "magnitudes.jsonl", "loss.png", "magnitudes.png", "wandb_id.txt")
 
 
 class RunLock:

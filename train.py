@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import logs
 import runs
 import training
 from diffusion import create_diffusion
@@ -40,7 +41,7 @@ DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
 RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
-             *during_training.RESUMABLE]
+             *during_training.RESUMABLE, *logs.RESUMABLE]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(RUN_DIR/checkpoints/NNNNNNN.pt)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     during_training.add_arguments(p)
+    logs.add_arguments(p)
     return p
 
 
@@ -188,6 +190,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         if not 0 < std < 0.2887:
             raise TrainingError(f"--ema-stds value {std} is outside (0, 0.2887)")
     during_training.check_arguments(args)
+    logs.check_arguments(args, TrainingError)
 
 
 def given_options(argv) -> set[str]:
@@ -298,7 +301,8 @@ def train(argv=None) -> str:
                                           world_size, device)
         magnitudes = training.MagnitudeRecorder(args.magnitude_every, state.step, args.num_steps, device, run.log)
         state.model.train()
-        with training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step):
+        with (training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step),
+              run.tracking(args, state.step if args.resume else 0)):
             while state.step < args.num_steps:
                 x, y = dataset.model_batch(next(batches), device)  # (an on-the-fly VAE set encodes here)
                 t = training.step_timesteps(args, rank, state.step, x.shape[0], diffusion.num_timesteps, device)

@@ -150,6 +150,7 @@ class TrainingFID:
                       "ema_std": a.eval_ema_std, "seed": a.eval_seed, "reference": self.reference,
                       "seconds": seconds, "cost_fraction": self.eval_seconds / train_seconds}
             run.append(LOG_NAME, record)
+            run.images("fid_during_training/samples", images, step)  # (for TensorBoard / W&B, when on)
             run.log(f"FID {fid:.2f} at step {step} ({a.eval_samples} samples, {a.eval_sampler} "
                     f"{a.eval_sampling_steps} steps, CFG {a.eval_cfg_scale:g}, tracked EMA σ_rel {a.eval_ema_std:g}) "
                     f"in {seconds:.1f} s; evaluations so far {100 * record['cost_fraction']:.1f} % of training time")

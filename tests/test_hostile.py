@@ -8,6 +8,7 @@ start real processes.
 """
 import fcntl
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -291,6 +292,8 @@ TRAIN = {
     "resume with num-steps 0": (lambda r, t: ["--resume", r, "--num-steps", "0"], "--num-steps must be positive"),
     "resume with device bogus": (lambda r, t: ["--resume", r, "--device", "bogus"], "--device bogus"),
 }
+if importlib.util.find_spec("wandb") is None:  # (an optional package: the case exists where it is missing)
+    TRAIN["wandb not installed"] = (new_run("--wandb"), "pip install wandb")
 
 SAMPLE = {
     "result-dir missing": (lambda r, t: ["--result-dir", os.path.join(t, "nope")], "not found"),
