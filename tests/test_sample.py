@@ -178,6 +178,67 @@ def test_ckpt_as_a_path_or_a_step_gives_the_same_images(run_dir, tmp_path):
     assert [f for f in os.listdir(os.path.join(run_dir, "samples")) if f.startswith(f"ckpt{CKPT_EVERY:07d}-cfg1.5")]
 
 
+EXPORTS = {"post-hoc EMA as safetensors": ("model.safetensors", ["--ema-std", "0.07"], {"ema_std": 0.07}),
+           "tracked EMA of a checkpoint as pt": ("model.pt", ["--ckpt", str(CKPT_EVERY), "--ckpt-ema", "--ema-std",
+                                                             "0.05"], {"ckpt_step": CKPT_EVERY, "ckpt_ema": True}),
+           "raw weights as pt": ("model.pt", ["--ckpt", str(NUM_STEPS)], {"ema_std": None, "ckpt_step": NUM_STEPS})}
+
+
+def read_export(path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("case", EXPORTS)
+def test_exported_weights_load_strictly_into_a_plain_model_and_give_the_samples_of_sample_py(run_dir, tmp_path,
+                                                                                              case):
+    # With every MP switch on (weight-normalised, force-normalised, gains, MP-SiLU folded by the fast paths):
+    # the plain model, built from the exported JSON alone, samples what sample.py's fast model samples.
+    from fast_paths import apply_fast_paths
+    from models import build_model
+    from mp_layers import MPConfig
+    name, flags, weights = EXPORTS[case]
+    path = str(tmp_path / name)
+    assert ema.main(["--result-dir", run_dir, *flags, "--export", path]) == 0
+    described = json.load(open(tmp_path / "model.json"))
+    plain = build_model(described["model"], in_channels=described["in_channels"],
+                        input_size=described["input_size"], num_classes=described["num_classes"],
+                        mp=MPConfig(**described["mp"]))
+    state = read_export(path)
+    assert sorted(state) == sorted(plain.state_dict())  # (safetensors sorts the names)
+    plain.load_state_dict(state, strict=True)
+    plain.eval()
+
+    project, config, _ = runs.load_run_model(run_dir, **weights)  # the project's way, as sample.py does
+    apply_fast_paths(project)
+    assert described["mp"] == config["mp"] and all(v for k, v in config["mp"].items() if k.startswith("use_")
+                                                  and k != "use_mp_fourier")
+    labels = torch.tensor([0, 3, 7, 9])
+    kw = dict(cfg_scale=1.5, num_steps=3, sampler="ddim", seed=5, batch_size=4, device="cpu", progress=False)
+    ours, theirs = (sample.generate(m, config, labels, **kw).astype(int) for m in (project, plain))
+    assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01  # (float rounding of the fast path)
+    x, t = torch.randn(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 300, 600, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, t, labels), project(x, t, labels), rtol=1e-5, atol=1e-5)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            assert json.loads(f.metadata()["config"]) == described
+
+
+def test_export_bad_input_is_one_line_before_any_work(run_dir, tmp_path, capsys):
+    for flags, message in [(["--ema-std", "0.05", "--export", str(tmp_path / "m.bin")], "end it in .safetensors"),
+                           (["--ema-std", "0.05", "0.1", "--export", str(tmp_path / "m.pt")], "one --ema-std"),
+                           (["--export", str(tmp_path / "m.pt")], "needs --ema-std S"),
+                           (["--ckpt", "4", "--ema-std", "0.05", "--export", str(tmp_path / "m.pt")], "--ckpt-ema"),
+                           (["--ckpt", "3", "--export", str(tmp_path / "m.pt")], "no checkpoint at step 3")]:
+        assert ema.main(["--result-dir", run_dir, *flags]) == 2
+        assert message in one_error_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_run_model_weights(run_dir):
     model, config, what = runs.load_run_model(run_dir, ema_std=None, ckpt_step=CKPT_EVERY)
     assert not model.training and config["num_classes"] == NUM_CLASSES
