@@ -232,6 +232,40 @@ def test_ddp_two_processes_identical_weights_and_complete_run_folder(tmp_path):
     assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if not runs.CHECKPOINT_RE.match(f)]
 
 
+def test_two_nodes_on_one_machine_train_identical_weights_into_one_run_folder(tmp_path):
+    # The README's two-node command with one process per node: two torchrun agents meet at a c10d
+    # rendezvous on localhost and give their processes global ranks 0 and 1, each with LOCAL_RANK 0.
+    wrapper = tmp_path / "dump_ranks.py"
+    wrapper.write_text(RANK_DUMP_WRAPPER.format(root=ROOT, out=str(tmp_path)))
+    results = tmp_path / "results"
+    args = [*FAST, "--num-steps", "4", "--ckpt-every", "2", "--log-every", "2", "--ema-snapshot-every", "2",
+            "--results-dir", str(results)]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=two-nodes",
+                               str(wrapper), *args], cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == r1["world_size"] == 2
+    run_dir = only_run(results)  # one run folder, written by global rank 0 alone
+    assert r0["run_dir"] == r1["run_dir"] == str(run_dir)
+    ckpt = load_ckpt(run_dir)
+    for r in (r0, r1):
+        assert_states_close(r["model"], ckpt["model"], atol=0)
+        assert_emas_close(r["ema"], ckpt["ema"], atol=0)
+    assert checkpoint_steps(run_dir) == [2, 4] and ckpt["step"] == 4
+    assert json.load(open(os.path.join(run_dir, "config.json")))["world_size"] == 2
+    assert [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] == [2, 4]  # one writer
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert log.count("step       4/4") == 1 and "done:" in log
+    assert sorted(os.listdir(os.path.join(run_dir, "ema"))) == [
+        "ema-0.050-0000002.pt", "ema-0.050-0000004.pt", "ema-0.100-0000002.pt", "ema-0.100-0000004.pt"]
+
+
 def test_batch_not_divisible_by_processes(tmp_path):
     results = tmp_path / "results"
     p = torchrun("train.py", [*FAST, "--batch-size", "5", "--num-steps", "2", "--results-dir", str(results)])
