@@ -30,32 +30,44 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from models import DiT, DiTBlock
+from models import DiT, DiTBlock, FinalLayer, ModulationParts
 from mp_layers import MLP, MP_SILU_RMS, Attention, MPEmbedding, MPLinear, mp_silu
 
 
 class _ScaleRowsByInverseNorm(torch.autograd.Function):
-    """y = x·c / (‖x‖ + eps) along the last dim (c a number): mp_layers.normalize times c/sqrt(d).
+    """y = x·c·γ / (‖x‖ + eps) along the last dim: mp_layers.normalize times c/sqrt(d), and times a learned
+    gain γ per segment of rows (`segments`: (rows, has gain) in order; `gains`: the 0-dim gains, in order).
 
-    The backward reads x and the incoming gradient twice instead of autograd's ~8 passes.
-    With n = ‖x‖, s = c/(n+eps), r = Σ g·x:  ∂L/∂x = s·g − s·r / ((n+eps)·n) · x.
+    The backward reads x and the incoming gradient twice instead of autograd's ~8 passes, and the gains cost
+    no pass over the rows of their own: with n = ‖x‖, s = c/(n+eps), k = s·γ, r = Σ g·x per row,
+        ∂L/∂x = k·g − k·r / ((n+eps)·n) · x,   ∂L/∂γ = Σ over the segment's rows of r·s.
     """
 
     @staticmethod
-    def forward(ctx, x, c, eps):
+    def forward(ctx, x, c, eps, segments=None, *gains):
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
         scale = c / (norm + eps)
-        ctx.save_for_backward(x, norm, scale)
-        ctx.eps = eps
-        return (x.to(scale.dtype) * scale).to(x.dtype)
+        row_scale = scale
+        if gains:  # one factor per row: its segment's gain, or 1
+            one, gain = scale.new_ones(1, 1), iter(gains)
+            row_scale = scale * torch.cat([(next(gain).to(scale.dtype).view(1, 1) if has_gain else one).expand(n, 1)
+                                           for n, has_gain in segments])
+        ctx.save_for_backward(x, norm, scale, row_scale)
+        ctx.eps, ctx.segments, ctx.gain_dtypes = eps, segments, [g.dtype for g in gains]
+        return (x.to(scale.dtype) * row_scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, norm, scale = ctx.saved_tensors
+        x, norm, scale, row_scale = ctx.saved_tensors
         xf = x.to(scale.dtype)
         r = torch.linalg.vecdot(grad.to(scale.dtype), xf, dim=-1).unsqueeze(-1)
-        coef = scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
-        return torch.addcmul(grad * scale, xf, coef, value=-1).to(x.dtype), None, None
+        coef = row_scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
+        grad_x = torch.addcmul(grad * row_scale, xf, coef, value=-1).to(x.dtype)
+        if not ctx.gain_dtypes:
+            return grad_x, None, None, None
+        per_row = (r * scale).split([n for n, _ in ctx.segments])
+        grad_gains = [rows.sum() for rows, (_, has_gain) in zip(per_row, ctx.segments) if has_gain]
+        return grad_x, None, None, None, *(g.to(d) for g, d in zip(grad_gains, ctx.gain_dtypes))
 
 
 def scale_rows_by_inverse_norm(x: torch.Tensor, c: float, eps: float = 1e-4) -> torch.Tensor:
@@ -98,26 +110,60 @@ class FastMPLinear(MPLinear):
         return batched_effective_weights([self])[0] if self.scales_weight else self.weight
 
 
-def batched_effective_weights(layers: list[FastMPLinear]) -> list[torch.Tensor]:
-    """The effective weights of many layers, computed together.
+def _weight_layers(user) -> list[FastMPLinear]:
+    """The layers whose weights a weight user multiplies by: a layer itself, or all of a FastModulationParts."""
+    return list(user.values()) if isinstance(user, FastModulationParts) else [user]
 
-    Layers are grouped by fan-in and scale; each group's weights are concatenated, their rows normalised
-    with one reduction and split back, so the backward is batched the same way.
+
+def _group_key(layer: FastMPLinear) -> tuple:
+    return layer.in_features, layer.weight_norm, layer.weight_scale(), layer.weight.device, layer.weight.dtype
+
+
+def batched_effective_weights(users: list) -> list[torch.Tensor]:
+    """The effective weights of many weight users (a layer, or a FastModulationParts: its layers' effective
+    weights stacked by rows, one matrix), computed together.
+
+    Users are grouped by fan-in and scale; each group's weights are concatenated, their rows normalised and
+    multiplied by their gains in one autograd node, and split back per user, so the backward is batched
+    the same way. (Gains exist only under weight normalisation.)
     """
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, layer in enumerate(layers):
-        groups[(layer.in_features, layer.weight_norm, layer.weight_scale(), layer.weight.device,
-                layer.weight.dtype)].append(i)
-    out: list[torch.Tensor | None] = [None] * len(layers)
+    for i, user in enumerate(users):
+        groups[_group_key(_weight_layers(user)[0])].append(i)
+    out: list[torch.Tensor | None] = [None] * len(users)
     for (fan_in, weight_norm, scale, _, _), members in groups.items():
-        rows = torch.cat([layers[i].weight for i in members]) if len(members) > 1 else layers[members[0]].weight
-        if weight_norm:  # normalize(W)·scale = W · (scale·sqrt(fan_in)) / (‖W_row‖ + eps)
-            rows = scale_rows_by_inverse_norm(rows, scale * math.sqrt(fan_in))
+        layers = [layer for i in members for layer in _weight_layers(users[i])]
+        rows = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
+        if weight_norm:  # normalize(W)·γ·scale = W · (scale·sqrt(fan_in))·γ / (‖W_row‖ + eps)
+            gains = [layer.gain for layer in layers if layer.gain is not None]
+            segments = tuple((layer.out_features, layer.gain is not None) for layer in layers) if gains else None
+            rows = _ScaleRowsByInverseNorm.apply(rows, scale * math.sqrt(fan_in), 1e-4, segments, *gains)
         elif scale != 1:
             rows = rows * scale
-        for i, w in zip(members, rows.split([layers[i].out_features for i in members])):
-            out[i] = w * layers[i].gain if layers[i].gain is not None else w
+        sizes = [sum(layer.out_features for layer in _weight_layers(users[i])) for i in members]
+        for i, w in zip(members, rows.split(sizes)):
+            out[i] = w
     return out
+
+
+class FastModulationParts(ModulationParts):
+    """All parts' linears of a = act(c) as one matrix product: the batched pass hands the module its
+    layers' effective weights stacked (they share fan-in and scale), so one product and its backward
+    replace one per part."""
+
+    given_weight: torch.Tensor | None = None
+
+    def linear_outputs(self, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.given_weight is None:
+            return super().linear_outputs(a)
+        outputs = F.linear(a, self.given_weight).split([layer.out_features for layer in self.values()], dim=-1)
+        return dict(zip(self.keys(), outputs))
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the parts' weights can be handed over as one matrix: all computed, in one group."""
+        layers = list(self.values())
+        return all(layer.scales_weight for layer in layers) and len({_group_key(layer) for layer in layers}) == 1
 
 
 @torch.no_grad()
@@ -155,7 +201,43 @@ class FastAttention(Attention):
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
+class _RotatePairs(torch.autograd.Function):
+    """mp_layers.rotate_pairs as one autograd node: y = C⊙h + S⊙Ph, where P swaps the halves of the
+    channels (i ↔ i + D/2), C = [cos θ, cos θ] and S = [−sin θ, sin θ] per sample.
+
+    Three passes over the tokens forward instead of eight, six backward instead of about twenty. The
+    rotation is orthogonal and P symmetric with PS = −S, so ∂L/∂h = C⊙g − S⊙Pg, and with u = Σ_tokens Pg⊙y,
+    ∂L/∂θ_i = Σ_tokens (g_{i+D/2}·y_i − g_i·y_{i+D/2}) = u_i − u_{i+D/2}.
+    """
+
+    @staticmethod
+    def forward(ctx, h, angles):
+        half = h.shape[-1] // 2
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        c, s = torch.cat([cos, cos], dim=-1).unsqueeze(1), torch.cat([-sin, sin], dim=-1).unsqueeze(1)
+        y = torch.addcmul(h * c, h.roll(half, dims=-1), s)
+        ctx.save_for_backward(c, s, y)
+        ctx.dtypes = h.dtype, angles.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, s, y = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        swapped = grad.roll(half, dims=-1)
+        grad_h = torch.addcmul(grad * c, swapped, s, value=-1)
+        u = (swapped * y).sum(1)
+        return grad_h.to(ctx.dtypes[0]), (u[:, :half] - u[:, half:]).to(ctx.dtypes[1])
+
+
+def fast_rotate_pairs(h: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """mp_layers.rotate_pairs (h (B, T, D), angles (B, D/2)), one autograd node."""
+    return _RotatePairs.apply(h, angles)
+
+
 class FastDiTBlock(DiTBlock):
+    rotate = staticmethod(fast_rotate_pairs)
+
     def residual(self, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if gate is None:
             return super().residual(x, update, gate)
@@ -167,6 +249,10 @@ class FastDiTBlock(DiTBlock):
         return torch.addcmul(x.to(dtype) * (0.7 / norm), gate, update, value=0.3 / norm)
 
 
+class FastFinalLayer(FinalLayer):
+    rotate = staticmethod(fast_rotate_pairs)
+
+
 class FastDiT(DiT):
     """The model's forward, with all effective weights computed in one batched pass (unless `ddp`)."""
 
@@ -175,7 +261,12 @@ class FastDiT(DiT):
 
     def setup_fast_paths(self, ddp: bool) -> None:
         self.batched = not ddp
-        self._scaled_layers = [m for m in self.modules() if isinstance(m, FastMPLinear) and m.scales_weight]
+        # The weight users of the batched pass: every FastModulationParts whose parts batch, and the other
+        # layers whose effective weight is computed.
+        parts = [m for m in self.modules() if isinstance(m, FastModulationParts) and m.batchable]
+        batched_parts = {id(layer) for m in parts for layer in m.values()}
+        self._scaled_layers = parts + [m for m in self.modules() if isinstance(m, FastMPLinear) and m.scales_weight
+                                       and id(m) not in batched_parts]
         self._forced_layers = [m for m in self.modules()
                                if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
 
@@ -205,7 +296,7 @@ class FastDiT(DiT):
 
 
 FAST_CLASSES = {MPLinear: FastMPLinear, MPEmbedding: FastMPEmbedding, Attention: FastAttention,
-                DiTBlock: FastDiTBlock, DiT: FastDiT}
+                ModulationParts: FastModulationParts, DiTBlock: FastDiTBlock, FinalLayer: FastFinalLayer, DiT: FastDiT}
 
 
 def _fast_class(cls: type) -> type | None:

@@ -108,10 +108,15 @@ class ModulationParts(nn.ModuleDict):
                           for b in branches for p in parts})
         self.branches, self.parts = branches, parts
 
+    def linear_outputs(self, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every part's linear of a, by layer name (fast_paths.py: one matrix product for all of them)."""
+        return {name: layer(a) for name, layer in self.items()}
+
     def forward(self, a: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        linear = self.linear_outputs(a)
         out = []
         for b in self.branches:
-            m = {p: self[f"{b}_{p}" if b else p](a) for p in self.parts}
+            m = {p: linear[f"{b}_{p}" if b else p] for p in self.parts}
             if "gate" in m:
                 m["gate"] = 1 + m["gate"]
             out.append(m)
@@ -125,9 +130,10 @@ def modulation(dim: int, mp: MPConfig, *, branches: tuple[str, ...], gated: bool
     return ModulationParts(dim, mp, branches=branches, gated=gated)
 
 
-def modulate(h: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+def modulate(h: torch.Tensor, parts: dict[str, torch.Tensor], rotate=rotate_pairs) -> torch.Tensor:
     """A branch's input modulation of tokens h (B, T, D) by per-sample parts: h·(1 + scale) + shift, then
-    the rotation of channel pairs. Missing parts are left out."""
+    the rotation of channel pairs (`rotate`: rotate_pairs, or the speed layer's twin). Missing parts are
+    left out."""
     scale, shift = parts.get("scale"), parts.get("shift")
     if scale is not None and shift is not None:
         h = torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1))
@@ -136,7 +142,7 @@ def modulate(h: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     elif shift is not None:
         h = h + shift.unsqueeze(1)
     if "rotation" in parts:
-        h = rotate_pairs(h, parts["rotation"])
+        h = rotate(h, parts["rotation"])
     return h
 
 
@@ -171,6 +177,8 @@ class TimestepEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block (DiT order): attention, then MLP, each a modulated, gated residual branch."""
 
+    rotate = staticmethod(rotate_pairs)  # the rotation modulation (fast_paths.py swaps in its twin)
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mp: MPConfig):
         super().__init__()
         self.mp_residual = mp.use_mp_residual
@@ -188,13 +196,15 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """`a`: act(c), the input of every modulation layer (computed once by the model)."""
         attn_mod, mlp_mod = self.modulation(a)
-        x = self.residual(x, self.attn(modulate(self.norm(x), attn_mod)), attn_mod.get("gate"))
-        x = self.residual(x, self.mlp(modulate(self.norm(x), mlp_mod)), mlp_mod.get("gate"))
+        x = self.residual(x, self.attn(modulate(self.norm(x), attn_mod, self.rotate)), attn_mod.get("gate"))
+        x = self.residual(x, self.mlp(modulate(self.norm(x), mlp_mod, self.rotate)), mlp_mod.get("gate"))
         return x
 
 
 class FinalLayer(nn.Module):
     """Modulation of the tokens (no gate), then a zero-initialised linear to p·p·(2C) values per token."""
+
+    rotate = staticmethod(rotate_pairs)
 
     def __init__(self, dim: int, out_features: int, mp: MPConfig):
         super().__init__()
@@ -204,7 +214,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         (parts,) = self.modulation(a)
-        return self.linear(modulate(self.norm(x), parts))
+        return self.linear(modulate(self.norm(x), parts, self.rotate))
 
 
 # ----------------------------------------------------------------------------------------------------

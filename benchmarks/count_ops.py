@@ -8,6 +8,7 @@ between the first switch set and the others.
 
     python benchmarks/count_ops.py                                  # DiT-XS/2, none vs all eight
     python benchmarks/count_ops.py --model DiT-S/4 --switches none use_weight_normalization all
+    python benchmarks/count_ops.py --switches none all all:scale+rotation+gate   # SET:MODULATION
 """
 from __future__ import annotations
 
@@ -43,11 +44,10 @@ class _Count(TorchDispatchMode):
 
 
 def switch_set(name: str) -> MPConfig:
-    if name == "none":
-        return MPConfig()
-    if name == "all":
-        return MPConfig.all_on()
-    return MPConfig(**{n: True for n in name.split("+")})
+    """none, all or switch names joined by +, optionally followed by :MODULATION (e.g. all:scale+rotation+gate)."""
+    name, _, modulation = name.partition(":")
+    switches = {n: True for n in (MPConfig.all_mp_names() if name == "all" else [] if name == "none" else name.split("+"))}
+    return MPConfig(**switches, modulation=modulation or "adaln")
 
 
 def count_ops(model_name: str, mp: MPConfig, batch: int = 2, size: int = 16, channels: int = 4) -> collections.Counter:
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME")
     p.add_argument("--switches", nargs="+", default=["none", "all"],
-                   help="none, all, or switch names joined by + (e.g. use_weight_normalization+use_mp_silu)")
+                   help="none, all, or switch names joined by + (e.g. use_weight_normalization+use_mp_silu), each "
+                        "optionally with :MODULATION (e.g. all:scale+rotation+gate)")
     args = p.parse_args(argv)
     counts = {s: count_ops(args.model, switch_set(s)) for s in args.switches}
     base = args.switches[0]

@@ -19,7 +19,7 @@ import fast_paths
 from fast_paths import apply_fast_paths, frozen_weights, project_rows_
 from helpers import tiny_dit
 from models import build_model
-from mp_layers import MODULATION_PARTS, MPConfig, normalize
+from mp_layers import MODULATION_PARTS, MPConfig, MPLinear, normalize, rotate_pairs
 
 SWITCHES = MPConfig.switch_names()
 CONFIGS = ([("none", MPConfig()), ("all", MPConfig(**{n: True for n in SWITCHES}))]
@@ -272,6 +272,56 @@ def test_normalize_backward_equals_autograd_of_the_formula(dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-2
     assert rel_err(fast.grad, plain.grad) < tol
     assert rel_err(fast_paths.fused_normalize(x), normalize(x.double())) < tol
+
+
+def test_batched_weights_with_gains_equal_each_layers_effective_weight():
+    """The batched pass (one concatenation, one node for normalisation and gains) against each layer's own
+    MPLinear.effective_weight, outputs and gradients of weights and gains, float64; layers with and
+    without gains share a group, one of another fan-in has its own."""
+    torch.manual_seed(0)
+    mp = MPConfig.all_on()
+    layers = [fast_paths.FastMPLinear(16, 24, mp, zero_init=True), fast_paths.FastMPLinear(16, 8, mp),
+              fast_paths.FastMPLinear(16, 5, mp, zero_init=True), fast_paths.FastMPLinear(7, 3, mp, zero_init=True)]
+    layers = [layer.double() for layer in layers]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(torch.rand(len(layer.weight), 1, dtype=torch.float64) + 0.5)
+            if layer.gain is not None:
+                layer.gain.uniform_(-1.5, 1.5)
+    probes = [torch.randn(layer.weight.shape, dtype=torch.float64) for layer in layers]
+    fast = fast_paths.batched_effective_weights(layers)
+    sum((w * p).sum() for w, p in zip(fast, probes)).backward()
+    fast_grads = [(layer.weight.grad.clone(), None if layer.gain is None else layer.gain.grad.clone()) for layer in layers]
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    plain = [MPLinear.effective_weight(layer) for layer in layers]
+    sum((w * p).sum() for w, p in zip(plain, probes)).backward()
+    for layer, w, ref, (weight_grad, gain_grad) in zip(layers, fast, plain, fast_grads):
+        assert rel_err(w, ref) < 1e-12
+        assert rel_err(weight_grad, layer.weight.grad) < 1e-12
+        if layer.gain is not None:
+            assert abs(gain_grad - layer.gain.grad) <= 1e-12 * abs(layer.gain.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rotation_node_equals_autograd_of_rotate_pairs(dtype):
+    """fast_rotate_pairs (one node, analytic backward) against autograd through mp_layers.rotate_pairs:
+    the rotated tokens and the gradients of tokens and angles."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 8, dtype=torch.float64).to(dtype)
+    angles = (4 * torch.randn(3, 4, dtype=torch.float64)).to(dtype)
+    g = torch.randn(3, 5, 8, dtype=torch.float64).to(dtype)
+    fast_h, fast_angles = h.clone().requires_grad_(), angles.clone().requires_grad_()
+    out = fast_paths.fast_rotate_pairs(fast_h, fast_angles)
+    out.backward(g)
+    plain_h, plain_angles = h.double().requires_grad_(), angles.double().requires_grad_()
+    ref = rotate_pairs(plain_h, plain_angles)
+    ref.backward(g.double())
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    assert out.dtype == dtype and fast_h.grad.dtype == dtype and fast_angles.grad.dtype == dtype
+    assert rel_err(out, ref) < tol
+    assert rel_err(fast_h.grad, plain_h.grad) < tol
+    assert rel_err(fast_angles.grad, plain_angles.grad) < tol
 
 
 # ----------------------------------------------------------------------------------------------------
