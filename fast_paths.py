@@ -7,14 +7,19 @@
 stay as they are, so state dicts move freely between plain and fast models. What it changes:
 
 - weight normalisation of all linear layers in one batched pass per forward: the weights are grouped by
-  fan-in and normalised with one reduction per group, forward and backward (per layer, several small
-  kernels each). Not under DDP: a batched weight gets its gradient only at the very end of the backward,
-  so DDP could not all-reduce while the backward still runs; there each layer normalises its own weight.
-- `normalize` with a hand-written backward (one autograd node instead of autograd's ~8 kernels);
+  fan-in and normalised, and multiplied by their gains, in one autograd node per group, forward and
+  backward (per layer, several small kernels each). Not under DDP: a batched weight gets its gradient only
+  at the very end of the backward, so DDP could not all-reduce while the backward still runs; there each
+  layer normalises its own weight. On a CPU each group's weights share one storage, so that neither the
+  pass nor the forced-WN projection copies them together;
+- the modulation parts of a block (scale, shift, rotation, gate) as one matrix product;
+- `normalize` with a hand-written backward (one autograd node instead of autograd's ~8 kernels), whose
+  row dot is a batched matrix product for contiguous rows (no product written and read back);
 - cosine attention normalises q and k in one call;
 - MP-SiLU's 1/0.596 folded into the next layer's weight (which is scaled anyway) instead of dividing the
   (tokens × hidden) activations;
-- the residual x + gate·update (or its MP sum) as one multiply-add;
+- the residual x + gate·update as one multiply-add, its MP sum as one node with a hand-written backward;
+- the rotation modulation as one node with a hand-written backward;
 - the forced-WN projection after each optimiser step batched the same way;
 - `frozen_weights(model)`: within it (sampling), every effective weight is computed once.
 
@@ -34,9 +39,23 @@ from models import DiT, DiTBlock, FinalLayer, ModulationParts
 from mp_layers import MLP, MP_SILU_RMS, Attention, MPEmbedding, MPLinear, mp_silu
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ a·b along the last dim (keepdim). For contiguous rows as a batched (1×d)·(d×1) product, which reads
+    a and b once (a multiply and a sum write their product and read it again: on a CPU, for the weights'
+    rows, a visible part of the step); elementwise where the product would need a copy of a strided input,
+    or could run in TF32 on a GPU."""
+    if (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype
+            and not (a.is_cuda and a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):
+        d = a.shape[-1]
+        return torch.bmm(a.view(-1, 1, d), b.view(-1, d, 1)).view(*a.shape[:-1], 1)
+    return torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1)
+
+
 class _ScaleRowsByInverseNorm(torch.autograd.Function):
     """y = x·c·γ / (‖x‖ + eps) along the last dim: mp_layers.normalize times c/sqrt(d), and times a learned
-    gain γ per segment of rows (`segments`: (rows, has gain) in order; `gains`: the 0-dim gains, in order).
+    gain γ per segment of rows (`segments`: (rows, has gain) in order; `tensors`: the 0-dim gains in order,
+    then, with `stored`, the weights whose shared storage x is, one per segment: they receive the gradient,
+    as views of one tensor, instead of x).
 
     The backward reads x and the incoming gradient twice instead of autograd's ~8 passes, and the gains cost
     no pass over the rows of their own: with n = ‖x‖, s = c/(n+eps), k = s·γ, r = Σ g·x per row,
@@ -44,7 +63,8 @@ class _ScaleRowsByInverseNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, c, eps, segments=None, *gains):
+    def forward(ctx, x, c, eps, segments=None, stored=False, *tensors):
+        gains = tensors[:sum(has_gain for _, has_gain in segments)] if segments else ()
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
         scale = c / (norm + eps)
         row_scale = scale
@@ -52,22 +72,26 @@ class _ScaleRowsByInverseNorm(torch.autograd.Function):
             one, gain = scale.new_ones(1, 1), iter(gains)
             row_scale = scale * torch.cat([(next(gain).to(scale.dtype).view(1, 1) if has_gain else one).expand(n, 1)
                                            for n, has_gain in segments])
+        y = (x.to(scale.dtype) * row_scale).to(x.dtype)
         ctx.save_for_backward(x, norm, scale, row_scale)
-        ctx.eps, ctx.segments, ctx.gain_dtypes = eps, segments, [g.dtype for g in gains]
-        return (x.to(scale.dtype) * row_scale).to(x.dtype)
+        ctx.eps, ctx.segments, ctx.stored, ctx.gain_dtypes = eps, segments, stored, [g.dtype for g in gains]
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, norm, scale, row_scale = ctx.saved_tensors
         xf = x.to(scale.dtype)
-        r = torch.linalg.vecdot(grad.to(scale.dtype), xf, dim=-1).unsqueeze(-1)
+        r = _row_dot(grad.to(scale.dtype), xf)
         coef = row_scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
         grad_x = torch.addcmul(grad * row_scale, xf, coef, value=-1).to(x.dtype)
-        if not ctx.gain_dtypes:
-            return grad_x, None, None, None
-        per_row = (r * scale).split([n for n, _ in ctx.segments])
-        grad_gains = [rows.sum() for rows, (_, has_gain) in zip(per_row, ctx.segments) if has_gain]
-        return grad_x, None, None, None, *(g.to(d) for g, d in zip(grad_gains, ctx.gain_dtypes))
+        grad_gains = []
+        if ctx.gain_dtypes:
+            per_row = (r * scale).split([n for n, _ in ctx.segments])
+            grad_gains = [rows.sum().to(d) for rows, d in zip([rows for rows, (_, has_gain) in zip(per_row, ctx.segments)
+                                                                 if has_gain], ctx.gain_dtypes)]
+        if ctx.stored:
+            return None, None, None, None, None, *grad_gains, *grad_x.split([n for n, _ in ctx.segments])
+        return grad_x, None, None, None, None, *grad_gains
 
 
 def scale_rows_by_inverse_norm(x: torch.Tensor, c: float, eps: float = 1e-4) -> torch.Tensor:
@@ -119,27 +143,52 @@ def _group_key(layer: FastMPLinear) -> tuple:
     return layer.in_features, layer.weight_norm, layer.weight_scale(), layer.weight.device, layer.weight.dtype
 
 
-def batched_effective_weights(users: list) -> list[torch.Tensor]:
+def weight_groups(users: list) -> dict[tuple, list[int]]:
+    """The users' indices grouped by their weights' fan-in, scale, device and dtype (the batched pass's groups)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, user in enumerate(users):
+        groups[_group_key(_weight_layers(user)[0])].append(i)
+    return groups
+
+
+def is_storage_of(rows: torch.Tensor, layers: list) -> bool:
+    """Whether the layers' weights are, in order, the row blocks of the contiguous tensor `rows`."""
+    storage, offset = rows.untyped_storage().data_ptr(), rows.storage_offset()
+    for layer in layers:
+        w = layer.weight
+        if (w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset or not w.is_contiguous()
+                or w.dtype != rows.dtype or w.shape[1:] != rows.shape[1:]):
+            return False
+        offset += w.numel()
+    return rows.is_contiguous() and offset == rows.storage_offset() + rows.numel()
+
+
+def batched_effective_weights(users: list, stored: dict | None = None) -> list[torch.Tensor]:
     """The effective weights of many weight users (a layer, or a FastModulationParts: its layers' effective
     weights stacked by rows, one matrix), computed together.
 
     Users are grouped by fan-in and scale; each group's weights are concatenated, their rows normalised and
     multiplied by their gains in one autograd node, and split back per user, so the backward is batched
-    the same way. (Gains exist only under weight normalisation.)
+    the same way. (Gains exist only under weight normalisation.) `stored`: for a group whose weights are
+    the row blocks of one tensor (FastDiT's shared storage), the layers' ids → that tensor, read in place
+    of the concatenation.
     """
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, user in enumerate(users):
-        groups[_group_key(_weight_layers(user)[0])].append(i)
     out: list[torch.Tensor | None] = [None] * len(users)
-    for (fan_in, weight_norm, scale, _, _), members in groups.items():
+    for (fan_in, weight_norm, scale, _, _), members in weight_groups(users).items():
         layers = [layer for i in members for layer in _weight_layers(users[i])]
-        rows = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
+        shared = (stored or {}).get(tuple(id(layer) for layer in layers))
         if weight_norm:  # normalize(W)·γ·scale = W · (scale·sqrt(fan_in))·γ / (‖W_row‖ + eps)
             gains = [layer.gain for layer in layers if layer.gain is not None]
-            segments = tuple((layer.out_features, layer.gain is not None) for layer in layers) if gains else None
-            rows = _ScaleRowsByInverseNorm.apply(rows, scale * math.sqrt(fan_in), 1e-4, segments, *gains)
-        elif scale != 1:
-            rows = rows * scale
+            segments = tuple((layer.out_features, layer.gain is not None) for layer in layers)
+            weights = [layer.weight for layer in layers] if shared is not None else []
+            rows = shared if shared is not None else torch.cat([layer.weight for layer in layers]) if len(layers) > 1 \
+                else layers[0].weight
+            rows = _ScaleRowsByInverseNorm.apply(rows, scale * math.sqrt(fan_in), 1e-4,
+                                                 segments if gains or weights else None, bool(weights), *gains, *weights)
+        else:  # no gains here; a copy either way
+            rows = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
+            if scale != 1:
+                rows = rows * scale
         sizes = [sum(layer.out_features for layer in _weight_layers(users[i])) for i in members]
         for i, w in zip(members, rows.split(sizes)):
             out[i] = w
@@ -235,6 +284,24 @@ def fast_rotate_pairs(h: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return _RotatePairs.apply(h, angles)
 
 
+class _GatedMPSum(torch.autograd.Function):
+    """y = a·x + g⊙u (g a gate per sample and channel, (B, 1, D)): the MP residual mp_sum(x, gate·u, 0.3)
+    with a = 0.7/n and g = gate·0.3/n. Backward: ∂L/∂x = a·G, ∂L/∂u = g⊙G, ∂L/∂g = Σ_tokens G⊙u: four passes
+    over the tokens instead of autograd's five (it also scales u by the multiply-add's factor)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, update, a):
+        ctx.save_for_backward(gate, update)
+        ctx.a, ctx.x_dtype = a, x.dtype
+        return torch.addcmul(x.to(torch.promote_types(x.dtype, update.dtype)) * a, gate, update)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, update = ctx.saved_tensors
+        grad_gate = (grad * update).sum(1, keepdim=True)
+        return (grad * ctx.a).to(ctx.x_dtype), grad_gate.to(gate.dtype), (grad * gate).to(update.dtype), None
+
+
 class FastDiTBlock(DiTBlock):
     rotate = staticmethod(fast_rotate_pairs)
 
@@ -245,8 +312,7 @@ class FastDiTBlock(DiTBlock):
         if not self.mp_residual:
             return torch.addcmul(x, gate, update)
         norm = math.sqrt(0.7**2 + 0.3**2)  # mp_sum(x, gate·update, 0.3) as one multiply-add
-        dtype = torch.promote_types(x.dtype, update.dtype)
-        return torch.addcmul(x.to(dtype) * (0.7 / norm), gate, update, value=0.3 / norm)
+        return _GatedMPSum.apply(x, gate * (0.3 / norm), update, 0.7 / norm)
 
 
 class FastFinalLayer(FinalLayer):
@@ -269,14 +335,58 @@ class FastDiT(DiT):
                                        and id(m) not in batched_parts]
         self._forced_layers = [m for m in self.modules()
                                if isinstance(m, (MPLinear, MPEmbedding)) and m.forced_weight_norm]
+        self.store_groups_together()
+
+    @torch.no_grad()
+    def store_groups_together(self) -> None:
+        """On a CPU (batched, not DDP): the weights of each weight-normalised group of the batched pass become
+        the row blocks of one tensor, so that the pass and the forced-WN projection read them in place
+        instead of copying them together (two passes over all weights per step, a visible part of a CPU
+        step). The parameters stay the same objects; only their storage is shared, so state dicts, the
+        optimiser and `.data.copy_` swaps see no difference. Anything that gives a weight a storage of its
+        own (load_state_dict(assign=True), a deepcopy) makes its group concatenate again; `.to()` regroups.
+        On a GPU the copy is one cheap kernel and each weight keeps its own storage."""
+        for rows, layers in getattr(self, "_stored", {}).values():  # apply_fast_paths again, or .to()
+            if not self.batched and is_storage_of(rows, layers):
+                for layer in layers:
+                    layer.weight.data = layer.weight.data.clone()
+        self._stored = {}
+        if not self.batched:
+            return
+        for (_, weight_norm, _, device, _), members in weight_groups(self._scaled_layers).items():
+            layers = [layer for i in members for layer in _weight_layers(self._scaled_layers[i])]
+            if weight_norm and device.type == "cpu" and len(layers) > 1:
+                rows = torch.cat([layer.weight for layer in layers])
+                for layer, block in zip(layers, rows.split([layer.out_features for layer in layers])):
+                    layer.weight.data = block
+                self._stored[tuple(id(layer) for layer in layers)] = rows, layers
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), ...: each weight gets a new storage; regroup them
+        super()._apply(fn, recurse)
+        if hasattr(self, "_stored"):
+            self.store_groups_together()
+        return self
+
+    def stored_rows(self) -> dict:
+        """The groups whose weights are still the row blocks of their tensor: layers' ids → tensor."""
+        if torch.compiler.is_compiling():  # the compiler fuses the concatenation; storage checks would break the graph
+            return {}
+        return {ids: rows for ids, (rows, layers) in self._stored.items() if is_storage_of(rows, layers)}
 
     def forced_weights(self) -> list[torch.Tensor]:
         return [m.weight for m in self._forced_layers]
 
     @torch.no_grad()
     def project_forced_weights_(self) -> None:
-        if self._forced_layers:
-            project_rows_(self.forced_weights())
+        """The batched projection; a group stored together is projected in place as one tensor."""
+        if not self._forced_layers:
+            return
+        together = [(rows, layers) for ids, (rows, layers) in self._stored.items()
+                    if is_storage_of(rows, layers) and all(layer.forced_weight_norm for layer in layers)]
+        done = {id(layer) for _, layers in together for layer in layers}
+        for rows, _ in together:
+            project_rows_([rows])
+        project_rows_([m.weight for m in self._forced_layers if id(m) not in done])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         if self.frozen:
@@ -286,7 +396,7 @@ class FastDiT(DiT):
             return super().forward(x, t, y, drop)
         if not (self.batched and self._scaled_layers):
             return super().forward(x, t, y, drop)
-        for layer, w in zip(self._scaled_layers, batched_effective_weights(self._scaled_layers)):
+        for layer, w in zip(self._scaled_layers, batched_effective_weights(self._scaled_layers, self.stored_rows())):
             layer.given_weight = w
         try:
             return super().forward(x, t, y, drop)
@@ -335,8 +445,9 @@ def frozen_weights(model: torch.nn.Module):
     A model without fast paths runs unchanged."""
     fast = [m for m in model.modules() if isinstance(m, FastDiT) and not m.frozen]
     layers = [layer for m in fast for layer in m._scaled_layers]
+    stored = {ids: rows for m in fast for ids, rows in m.stored_rows().items()}
     with torch.no_grad():
-        for layer, w in zip(layers, batched_effective_weights(layers)):
+        for layer, w in zip(layers, batched_effective_weights(layers, stored)):
             layer.given_weight = w
     for m in fast:
         m.frozen = True

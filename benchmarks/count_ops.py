@@ -4,7 +4,8 @@ In eager mode on a GPU every operation is one kernel launched from Python; for t
 launches, not the arithmetic, bound the step (see profile_step.py). This counts the operations that
 compute something (views, reshapes and dtype queries excluded), with a dispatch mode on the CPU, so
 the count is exact and the same on every machine. The table lists each operation whose count differs
-between the first switch set and the others.
+between the first switch set and the others. On a CPU the speed layer reads each weight-normalised group of
+weights from one shared storage; a GPU concatenates them, one operation per group of several layers more.
 
     python benchmarks/count_ops.py                                  # DiT-XS/2, none vs all eight
     python benchmarks/count_ops.py --model DiT-S/4 --switches none use_weight_normalization all
