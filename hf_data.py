@@ -22,6 +22,13 @@ from data import DatasetError, image_tensor
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
+def add_arguments(p) -> None:
+    """The flags that pick the part of a Hugging Face dataset to read, the same in every command line."""
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
+    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
+
+
 def is_hf_folder(path: str) -> bool:
     """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     return os.path.isfile(os.path.join(path, "dataset_dict.json")) or (

@@ -36,6 +36,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import hf_data
 from atomic import atomic_path, torch_save_file
 from data import DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, DatasetError, load_vae, mixture_stats, open_image_source
 from vae_data import encode_posterior, resolve_vae_name
@@ -86,9 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--random-flip", action="store_true",
                    help="also store the posteriors of the mirrored images (posterior_*_flip.pt) for train.py "
                         "--random-flip; twice the encoding time and the disk")
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
-    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
-    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
+    hf_data.add_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace latent files already in --out")
     return p.parse_args(argv)
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import hf_data
 import logs
 import runs
 import training
@@ -79,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-flip", action="store_true",
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
-    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
-    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
+    hf_data.add_arguments(p)
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
                    help="one of " + ", ".join(MODEL_NAMES))

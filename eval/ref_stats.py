@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import hf_data
 from eval.evaluate import featurize, images_set, load_extractor, save_reference
 from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, resolve_device
@@ -74,9 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-path", required=True,
                    help="digits, mnist, mnist-test, a latent folder, an ImageFolder or a Hugging Face dataset")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
-    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
-    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
+    hf_data.add_arguments(p)
     p.add_argument("--out", required=True, help="statistics .npz to write (keys mu, sigma)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=100)

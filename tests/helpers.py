@@ -1,6 +1,7 @@
 """Small shared builders for the tests (tiny models that run a step in milliseconds)."""
 import contextlib
 import itertools
+import os
 
 import torch
 
@@ -74,3 +75,10 @@ def save_tiny_hf_dataset(path, n=8, classes=("cat", "dog"), splits=None, seed=0)
         ds = datasets.DatasetDict({s: ds for s in splits})
     ds.save_to_disk(str(path))
     return str(path)
+
+
+def only_run(results_dir):
+    """The one run folder train.py made under results_dir (fails if there are more)."""
+    runs = sorted(os.listdir(results_dir))
+    assert len(runs) == 1, runs
+    return os.path.join(results_dir, runs[0])

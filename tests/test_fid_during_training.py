@@ -9,7 +9,6 @@ the matrix square root of the Fréchet distance by eigh (MAPDIT_FID_METHOD=eigh,
 sqrtm takes ~20 s per FID of 2048-d features on a small CPU.
 """
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import torch
 import eval.sample_fid as sample_fid
 import train
 from runs import append_jsonl, list_checkpoints, read_checkpoint, read_jsonl
+from helpers import only_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MAPDIT_FID_METHOD": "eigh"}
@@ -49,20 +49,6 @@ def reference(tmp_path):
 @pytest.fixture(autouse=True)
 def eigh_fid(monkeypatch):
     monkeypatch.setenv("MAPDIT_FID_METHOD", "eigh")
-
-
-@pytest.fixture(autouse=True)
-def _close_train_logger():
-    yield
-    logger = logging.getLogger("train")
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
-
-
-def only_run(results):
-    (name,) = os.listdir(results)
-    return os.path.join(results, name)
 
 
 def fid_afterwards(run, ref, step, *extra):

@@ -5,7 +5,6 @@ without wandb installed is one error line; with a stand-in wandb module it recei
 DiT-XS/8 on the built-in digits, 4 steps, trained in this process; the FID of the in-training evaluation
 is replaced by a cheap stand-in (its number is tested in test_fid_during_training.py).
 """
-import logging
 import math
 import os
 import re
@@ -18,24 +17,11 @@ import pytest
 import logs
 import train
 from runs import read_jsonl
+from helpers import only_run
 
 FAST = ["--model", "DiT-XS/8", "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3", "--mp-lr", "1e-2",
         "--log-every", "1", "--ema-snapshot-every", "2", "--ckpt-every", "2", "--magnitude-every", "2"]
 FID = ["--eval-every", "2", "--eval-samples", "4", "--eval-sampling-steps", "2", "--eval-sampler", "ddim"]
-
-
-@pytest.fixture(autouse=True)
-def _close_train_logger():
-    yield
-    logger = logging.getLogger("train")
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
-
-
-def only_run(results):
-    (name,) = os.listdir(results)
-    return os.path.join(results, name)
 
 
 def reference_stats(folder):

@@ -6,7 +6,6 @@ CPU core at batch 8) for a handful of steps.  Real processes are started with su
 with real signals); the cheap error paths call `train.main` in this process.
 """
 import json
-import logging
 import shutil
 import os
 import signal
@@ -24,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 import runs  # noqa: E402
 import train  # noqa: E402
+from helpers import only_run  # noqa: E402
 import training  # noqa: E402
 from models import build_model  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
@@ -56,12 +56,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def only_run(results_dir):
-    runs = sorted(os.listdir(results_dir))
-    assert len(runs) == 1, runs
-    return os.path.join(results_dir, runs[0])
 
 
 def checkpoint_steps(run_dir):
@@ -131,15 +125,6 @@ def make_latents(folder, n=24, c=4, size=8, num_classes=3, seed=0):
     torch.save({"mean": means.mean((0, 2, 3)), "std": means.std((0, 2, 3)) + 0.3}, os.path.join(folder, "stats.pt"))
     return str(folder)
 
-
-@pytest.fixture(autouse=True)
-def _close_train_logger():
-    """In-process runs attach handlers (a log.txt file, the captured stdout) to the "train" logger."""
-    yield
-    logger = logging.getLogger("train")
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
 
 
 def main_in_process(argv, capsys):
