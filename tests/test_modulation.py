@@ -2,7 +2,6 @@
 timestep features, and the learning rate per kind of parameter."""
 import argparse
 import itertools
-import logging
 import math
 
 import pytest
@@ -221,17 +220,7 @@ def test_one_rate_for_all_is_one_group_as_before():
     assert [g["name"] for g in opt.param_groups] == ["mp"]  # all eight: every parameter is an MP one
 
 
-@pytest.fixture
-def close_train_logger():
-    """In-process runs attach handlers (a log.txt file, the captured stdout) to the "train" logger."""
-    yield
-    logger = logging.getLogger("train")
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
-
-
-def test_a_modulation_run_trains_at_the_mp_rate_resumes_and_samples(tmp_path, close_train_logger):
+def test_a_modulation_run_trains_at_the_mp_rate_resumes_and_samples(tmp_path):
     """--use-all-mp without an lr flag: the log states 1e-2 for the MP group; the run folder records the
     modulation and MP Fourier, resumes with its two rates, and sample.py rebuilds the model from it."""
     import json
