@@ -70,6 +70,7 @@ class GuidedDenoiser:
         self.interval = check_guidance_interval(guidance_interval)
         self.channels = model.in_channels
         self.calls: list[tuple[str, int]] = []
+        self._cfg_labels: torch.Tensor | None = None  # labels then null labels, built once at the first guided step
 
     def _guided_at(self, t: torch.Tensor) -> bool:
         if self.cfg_scale == 1:
@@ -88,9 +89,9 @@ class GuidedDenoiser:
         if not self._guided_at(t):
             return self._run(self.model, "cond", x, t, self.labels)
         if self.guide is None:  # classifier-free: conditional and null-label halves in one batch
-            null = torch.full_like(self.labels, self.model.num_classes)
-            out = self._run(self.model, "cond+uncond", torch.cat([x, x]), torch.cat([t, t]),
-                            torch.cat([self.labels, null]))
+            if self._cfg_labels is None:
+                self._cfg_labels = torch.cat([self.labels, torch.full_like(self.labels, self.model.num_classes)])
+            out = self._run(self.model, "cond+uncond", torch.cat([x, x]), torch.cat([t, t]), self._cfg_labels)
             cond, ref_eps = out[: len(x)], out[len(x):, :c]
         else:  # autoguidance: the weaker model's conditional prediction is the reference
             cond = self._run(self.model, "cond", x, t, self.labels)
