@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from data import LATENT_SCALE, DatasetError, _Base, _check_labels, flip_coin, load_vae, mixture_stats, spaced_subset
+from data import (LATENT_SCALE, DatasetError, _Base, _check_labels, flip_coin, load_vae, mixture_stats, normalize,
+                  spaced_subset)
 
 VAE_STATS_MAX_IMAGES = 1_000
 ENCODE_BATCH = 32  # images per encoder call when estimating the statistics
@@ -80,8 +81,6 @@ class VAELatentDataset(_Base):
             raise DatasetError(f"the recorded latent statistics have {len(stats['mean'])} channels, the VAE "
                                f"{self.vae} {self.channels}; resume with the VAE the run was made with")
         self.stats = {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
-        self._mean = torch.tensor(self.stats["mean"]).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.stats["std"]).view(1, -1, 1, 1)
 
     def _estimate_stats(self, max_images: int) -> dict[str, list[float]]:
         from tqdm import tqdm
@@ -111,8 +110,7 @@ class VAELatentDataset(_Base):
         pixels, eps, y = batch
         mu, sd = encode_posterior(self._vae, pixels)
         z = mu + eps.to(mu.device) * sd
-        x = (z - self._mean.to(z.device)) / self._std.to(z.device)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return normalize(z, self.stats).to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def __getitem__(self, idx: int):
         pixels, eps, y = self.loader_item(idx)
