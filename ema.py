@@ -40,6 +40,7 @@ between profiles (EDM2 Algorithm 3) applies to them without any discretisation c
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -49,7 +50,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from atomic import atomic_torch_save, load_torch_file  # atomic_torch_save is part of this module's API
+from atomic import atomic_path, atomic_torch_save, atomic_write_text, load_torch_file  # atomic_torch_save re-exported
 
 __all__ = [
     "STD_MAX",
@@ -476,8 +477,6 @@ def export_weights(run_dir: str, path: str, *, ema_std: Optional[float] = 0.05, 
     normalisation, gains, 1/sqrt(fan_in)) in every forward, so a plain build_model(...) in eval mode gives
     what sample.py gives. Returns a description of the weights."""
     from runs import load_run_model  # (runs imports this module)
-    from atomic import atomic_path, atomic_write_text
-    import json
     model, config, what = load_run_model(run_dir, ema_std=ema_std, ckpt_step=ckpt, step=step, ckpt_ema=ckpt_ema)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
