@@ -229,10 +229,6 @@ def write_json(path, result: dict) -> None:
         Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
 
 
-def load_extractor(weights=None, classifier=None, device="cpu"):
-    return load_inception(weights, device=device, classifier_path=classifier)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2, no usage dump
         sys.stderr.write(f"error: {message}\n")
@@ -282,7 +278,7 @@ def main(argv=None) -> int:
         samples, reference = read_set(args.samples), read_set(args.reference)
         if samples.images is None:
             raise FIDError(f"{args.samples}: the samples must be images (arr_0 or a folder), not statistics")
-        extractor = load_extractor(args.inception_weights, args.inception_classifier, device)
+        extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
         dims = feature_dims(extractor)
         check_set(reference, dims)
         progress = not args.no_progress

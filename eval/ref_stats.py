@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 import data
 import hf_data
-from eval.evaluate import featurize, images_set, load_extractor, save_reference
+from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
-from eval.inception import InceptionWeightsError, resolve_device
+from eval.inception import InceptionWeightsError, load_inception, resolve_device
 
 # The real images each built-in training set is compared with (MNIST: its 10,000 test images).
 BUILTIN_REFERENCES = {"digits": "digits", "mnist": "mnist-test", "mnist-test": "mnist-test"}
@@ -57,7 +57,7 @@ def reference_statistics(data_path: str, out: str, *, image_size: int | None = N
     dataset = data.load_dataset(ref_path, image_size=image_size, **columns)
     dev = resolve_device(device)
     images = dataset_images(dataset, device=dev, max_images=max_images)
-    extractor = load_extractor(inception_weights, device=dev)
+    extractor = load_inception(inception_weights, device=dev)
     save_reference(featurize(images_set(images, str(ref_path)), extractor, batch_size=batch_size, device=dev), out)
     return out
 

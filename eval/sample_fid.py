@@ -32,9 +32,9 @@ import torch.distributed as dist
 import data
 from atomic import atomic_path
 from eval.evaluate import (METRICS, check_set, evaluate, feature_dims, featurize, format_table, images_set,
-                           load_extractor, read_set)
+                           read_set)
 from eval.fid import FIDError
-from eval.inception import InceptionWeightsError, sha1_of_file
+from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
 from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
 from fast_paths import apply_fast_paths
 from runs import RunError, append_jsonl, find_checkpoint, load_run_model
@@ -99,7 +99,7 @@ def prepare_reference(args, config: dict, device):
     fail after hours of sampling fails now instead."""
     if args.ref == "none":
         return None, None
-    extractor = load_extractor(args.inception_weights, args.inception_classifier, device)
+    extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
     dims = feature_dims(extractor)
     path = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),
                              inception_weights=args.inception_weights)
