@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from eval.fid import (  # noqa: E402
     _check_statistics,
     _normalise_images,
     _open_npz,
+    fid_method,
     frechet_distance,
     load_images,
     read_array,
@@ -157,7 +157,7 @@ def evaluate(samples: EvalSet, reference: EvalSet, *, method: str | None = None,
              classifier_hint: str = "--inception-classifier") -> dict:
     """The five metrics (None where unavailable, with the reason in "notes") and each set's size. `method`:
     the Fréchet distance's square root (default MAPDIT_FID_METHOD or sqrtm, as eval.fid.fid_from_images)."""
-    method = method or os.environ.get("MAPDIT_FID_METHOD", "sqrtm")
+    method = fid_method(method)
     result = {m: None for m in METRICS}
     notes = {}
     fs, fr = samples.features, reference.features
