@@ -176,19 +176,17 @@ def batched_effective_weights(users: list, stored: dict | None = None) -> list[t
     out: list[torch.Tensor | None] = [None] * len(users)
     for (fan_in, weight_norm, scale, _, _), members in weight_groups(users).items():
         layers = [layer for i in members for layer in _weight_layers(users[i])]
-        shared = (stored or {}).get(tuple(id(layer) for layer in layers))
+        shared = (stored or {}).get(tuple(id(layer) for layer in layers))  # only weight-normalised groups
+        rows = shared if shared is not None else torch.cat([layer.weight for layer in layers]) if len(layers) > 1 \
+            else layers[0].weight
         if weight_norm:  # normalize(W)·γ·scale = W · (scale·sqrt(fan_in))·γ / (‖W_row‖ + eps)
             gains = [layer.gain for layer in layers if layer.gain is not None]
             segments = tuple((layer.out_features, layer.gain is not None) for layer in layers)
             weights = [layer.weight for layer in layers] if shared is not None else []
-            rows = shared if shared is not None else torch.cat([layer.weight for layer in layers]) if len(layers) > 1 \
-                else layers[0].weight
             rows = _ScaleRowsByInverseNorm.apply(rows, scale * math.sqrt(fan_in), 1e-4,
                                                  segments if gains or weights else None, bool(weights), *gains, *weights)
-        else:  # no gains here; a copy either way
-            rows = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
-            if scale != 1:
-                rows = rows * scale
+        elif scale != 1:  # no gains here
+            rows = rows * scale
         sizes = [sum(layer.out_features for layer in _weight_layers(users[i])) for i in members]
         for i, w in zip(members, rows.split(sizes)):
             out[i] = w
