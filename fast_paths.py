@@ -84,13 +84,13 @@ class _ScaleRowsByInverseNorm(torch.autograd.Function):
         r = _row_dot(grad.to(scale.dtype), xf)
         coef = row_scale * r / ((norm + ctx.eps) * norm.clamp_min(1e-30))  # x = 0 ⇒ r = 0 ⇒ coef = 0
         grad_x = torch.addcmul(grad * row_scale, xf, coef, value=-1).to(x.dtype)
+        sizes = [n for n, _ in ctx.segments] if ctx.segments else []
         grad_gains = []
         if ctx.gain_dtypes:
-            per_row = (r * scale).split([n for n, _ in ctx.segments])
-            grad_gains = [rows.sum().to(d) for rows, d in zip([rows for rows, (_, has_gain) in zip(per_row, ctx.segments)
-                                                                 if has_gain], ctx.gain_dtypes)]
+            with_gain = [rows for rows, (_, has_gain) in zip((r * scale).split(sizes), ctx.segments) if has_gain]
+            grad_gains = [rows.sum().to(d) for rows, d in zip(with_gain, ctx.gain_dtypes)]
         if ctx.stored:
-            return None, None, None, None, None, *grad_gains, *grad_x.split([n for n, _ in ctx.segments])
+            return None, None, None, None, None, *grad_gains, *grad_x.split(sizes)
         return grad_x, None, None, None, None, *grad_gains
 
 
