@@ -151,6 +151,11 @@ def weight_groups(users: list) -> dict[tuple, list[int]]:
     return groups
 
 
+def _group_layers(users: list, members: list[int]) -> list[FastMPLinear]:
+    """The layers of a group's users, in order: the row blocks of the group's weight."""
+    return [layer for i in members for layer in _weight_layers(users[i])]
+
+
 def is_storage_of(rows: torch.Tensor, layers: list) -> bool:
     """Whether the layers' weights are, in order, the row blocks of the contiguous tensor `rows`."""
     storage, offset = rows.untyped_storage().data_ptr(), rows.storage_offset()
@@ -175,7 +180,7 @@ def batched_effective_weights(users: list, stored: dict | None = None) -> list[t
     """
     out: list[torch.Tensor | None] = [None] * len(users)
     for (fan_in, weight_norm, scale, _, _), members in weight_groups(users).items():
-        layers = [layer for i in members for layer in _weight_layers(users[i])]
+        layers = _group_layers(users, members)
         shared = (stored or {}).get(tuple(id(layer) for layer in layers))  # only weight-normalised groups
         rows = shared if shared is not None else torch.cat([layer.weight for layer in layers]) if len(layers) > 1 \
             else layers[0].weight
@@ -352,7 +357,7 @@ class FastDiT(DiT):
         if not self.batched:
             return
         for (_, weight_norm, _, device, _), members in weight_groups(self._scaled_layers).items():
-            layers = [layer for i in members for layer in _weight_layers(self._scaled_layers[i])]
+            layers = _group_layers(self._scaled_layers, members)
             if weight_norm and device.type == "cpu" and len(layers) > 1:
                 rows = torch.cat([layer.weight for layer in layers])
                 for layer, block in zip(layers, rows.split([layer.out_features for layer in layers])):
