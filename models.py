@@ -14,8 +14,10 @@ import torch.nn as nn
 from mp_layers import (FOURIER_CHANNELS, MLP, Attention, MPConfig, MPEmbedding, MPFourier, MPLinear, activation,
                        mp_sum, normalize, rotate_pairs)
 
-# name: (depth, width, heads)
+# name: (depth, width, heads). XXS and XS are not DiT's: XS is the paper's CPU-sized model, XXS half its
+# width (a quarter of its compute per token), the size the CPU demo trains in a few minutes.
 MODEL_SIZES = {
+    "XXS": (6, 128, 2),
     "XS": (6, 256, 4),
     "S": (12, 384, 6),
     "B": (12, 768, 12),

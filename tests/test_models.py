@@ -11,6 +11,7 @@ from models import MODEL_NAMES, build_model, count_parameters, patchify, sincos_
 from mp_layers import MPConfig, MPEmbedding, MPLinear
 
 PARAMETER_COUNTS = {  # docs/design.md, "Final layer": (all flags off, all eight on)
+    "DiT-XXS/2": (1_969_408, 2_097_416),
     "DiT-XS/2": (7_608_832, 7_864_840),
     "DiT-S/4": (32_898_816, 33_282_830),
     "DiT-S/2": (32_843_520, 33_227_534),
@@ -26,9 +27,9 @@ def test_parameter_counts_match_design(name):
         assert count_parameters(build_model(name, in_channels=4, input_size=16, mp=MPConfig.all_on())) == on
 
 
-def test_registry_has_all_fifteen_models():
-    assert len(MODEL_NAMES) == 15
-    assert {"DiT-XS/2", "DiT-S/4", "DiT-B/8", "DiT-L/2", "DiT-XL/4"} <= set(MODEL_NAMES)
+def test_registry_has_all_eighteen_models():
+    assert len(MODEL_NAMES) == 18
+    assert {"DiT-XXS/2", "DiT-XS/2", "DiT-S/4", "DiT-B/8", "DiT-L/2", "DiT-XL/4"} <= set(MODEL_NAMES)
 
 
 def test_state_dict_holds_exactly_the_parameters():
