@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quick-start demo, on the CPU: installs into .venv, trains DiT-XXS/2 with all eight MP switches on the
 # built-in digits (16x16) for 2,000 steps, and samples a grid of every class with the post-hoc EMA.
-# Everything lands in a run folder under ${DEMO_DIR:-demo}/. DEMO_FID=1 adds a small FID (about 2 minutes
+# Everything lands in a run folder under ${DEMO_DIR:-demo}/. DEMO_FID=1 adds a small FID (5.5 minutes
 # more on a 2-core CPU); DEMO_STEPS=N trains N steps instead.
 set -euo pipefail
 cd "$(dirname "$0")"
