@@ -20,11 +20,13 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
+def atomic_path(path, suffix: str | None = None, durable: bool = True) -> Iterator[str]:
     """Yields a temporary path to write; when the block succeeds it becomes `path`. Creates the folder.
 
     The temporary name ends with `suffix` (default: `path`'s own extension), e.g. ".png" for a PNG whose
-    target name has none, or ".npz" for np.savez."""
+    target name has none, or ".npz" for np.savez. `durable`: the file and the rename are on disk when the
+    block ends (fsync); without it they are atomic but reach the disk when the system writes them back, or
+    when `sync_files` is called on the path (a kill -9 loses nothing either way; a power cut may)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -43,8 +45,9 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given; mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException as e:
@@ -53,12 +56,33 @@ def atomic_path(path, suffix: str | None = None) -> Iterator[str]:
         if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
             e.filename = path  # name the target ("[Errno 28] ...: 'path'"), never the temporary
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every system)
+    if durable:
+        _sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):  # make renames in it durable (not possible on every system)
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sync_files(paths) -> None:
+    """Makes files written with atomic_path(durable=False) durable: fsync each, then their folders."""
+    folders = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        except FileNotFoundError:  # removed since: nothing to keep
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in folders:
+            folders.append(folder)
+    for folder in folders:
+        _sync_folder(folder)
 
 
 def temp_prefix(path) -> str:
@@ -91,9 +115,9 @@ def torch_save_file(obj, path) -> None:
             raise cause from e
 
 
-def atomic_torch_save(obj, path) -> None:
-    """`torch.save(obj, path)`, atomically."""
-    with atomic_path(path) as tmp:
+def atomic_torch_save(obj, path, durable: bool = True) -> None:
+    """`torch.save(obj, path)`, atomically (and `durable`: see atomic_path)."""
+    with atomic_path(path, durable=durable) as tmp:
         torch_save_file(obj, tmp)
 
 

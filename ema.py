@@ -284,9 +284,10 @@ class PowerEMA:
             for n in self.names:
                 self.emas[i][n].copy_(v[n])
 
-    def save_snapshots(self, snapshot_dir, step: int) -> List[str]:
+    def save_snapshots(self, snapshot_dir, step: int, durable: bool = True) -> List[str]:
         """Write one fp16 snapshot per tracked sigma_rel, ``snapshot_dir/ema-<std>-<step:07d>.pt``
-        holding ``{"std": float, "step": int, "state": {name: fp16 cpu tensor}}``, atomically.
+        holding ``{"std": float, "step": int, "state": {name: fp16 cpu tensor}}``, atomically (and
+        ``durable``: synced to disk before returning, see atomic.atomic_path).
         Returns the paths written.  (Call it on one rank only.)"""
         step = int(step)
         if step < 1:
@@ -298,7 +299,7 @@ class PowerEMA:
                 for n, t in ema.items()
             }
             path = os.path.join(os.fspath(snapshot_dir), snapshot_filename(std, step))
-            atomic_torch_save({"std": float(std), "step": step, "state": state}, path)
+            atomic_torch_save({"std": float(std), "step": step, "state": state}, path, durable=durable)
             paths.append(path)
         return paths
 

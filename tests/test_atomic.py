@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import atomic
 from atomic import atomic_path, atomic_torch_save, atomic_write_text
 
 
@@ -132,3 +133,35 @@ def test_a_file_where_the_folder_should_be_is_named_as_such(tmp_path):
     with pytest.raises(NotADirectoryError) as info:  # before: FileExistsError "File exists"
         atomic_write_text(tmp_path / "results" / "config.json", "{}")
     assert str(info.value) == f"[Errno 20] a file stands where a folder should be: '{tmp_path / 'results'}'"
+
+
+def _count_fsyncs(monkeypatch) -> list:
+    synced = []
+    real = atomic.os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real(fd)))
+    return synced
+
+
+def test_a_write_that_is_not_durable_is_atomic_and_synced_later_by_sync_files(tmp_path, monkeypatch):
+    synced = _count_fsyncs(monkeypatch)
+    path = tmp_path / "ema" / "ema-0.050-0000001.pt"
+    atomic.atomic_torch_save({"step": 1}, path, durable=False)
+    assert torch.load(path, weights_only=True) == {"step": 1} and synced == []
+    atomic.sync_files([str(path), str(tmp_path / "ema" / "removed-since.pt")])
+    assert synced == [str(path.resolve()), str(path.parent.resolve())]  # the file, then its folder
+
+
+def test_a_checkpoint_first_syncs_the_snapshots_written_since_the_last_one(tmp_path, monkeypatch):
+    from ema import PowerEMA
+    from helpers import tiny_dit
+    from runs import Run
+    run, ema = Run(str(tmp_path), rank=0), PowerEMA(tiny_dit(), stds=[0.05, 0.1])
+    synced = _count_fsyncs(monkeypatch)
+    run.save_snapshots(ema, 1)
+    run.save_snapshots(ema, 2)
+    assert synced == []  # four snapshot files, none synced yet
+    run.save_checkpoint({"step": 2})
+    snapshots = sorted(str(p.resolve()) for p in (tmp_path / "ema").iterdir())
+    assert sorted(synced[:4]) == snapshots and synced[4] == str((tmp_path / "ema").resolve())
+    assert str((tmp_path / "checkpoints" / "0000002.pt").resolve()) not in synced[:5]  # the checkpoint after them
+    assert run.unsynced == []
