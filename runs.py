@@ -354,8 +354,8 @@ class Run:
     def save_snapshots(self, ema, step: int) -> None:
         """The EMA snapshots of `step`, atomically but not synced one by one (the fsync of an XS snapshot,
         15 MB, cost half its write on this project's CPU machine: ~6 % of the step of a run that snapshots
-        every step); the next checkpoint syncs them first. Whatever a resume starts from is then on disk, and a resume rewrites the
-        snapshots after its checkpoint."""
+        every step); the next checkpoint syncs them first. Whatever a resume starts from is then on disk,
+        and a resume rewrites the snapshots after its checkpoint."""
         if self.writer:
             self.unsynced += ema.save_snapshots(os.path.join(self.path, "ema"), step, durable=False)
 

@@ -138,7 +138,10 @@ def test_a_file_where_the_folder_should_be_is_named_as_such(tmp_path):
 def _count_fsyncs(monkeypatch) -> list:
     synced = []
     real = atomic.os.fsync
-    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real(fd)))
+    def fsync(fd):  # records which file or folder each fsync reached
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     return synced
 
 
