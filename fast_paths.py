@@ -370,11 +370,15 @@ class FastDiT(DiT):
             self.store_groups_together()
         return self
 
+    def _intact_groups(self) -> dict:
+        """The stored groups whose weights are still the row blocks of their tensor: layers' ids → (tensor, layers)."""
+        return {ids: (rows, layers) for ids, (rows, layers) in self._stored.items() if is_storage_of(rows, layers)}
+
     def stored_rows(self) -> dict:
         """The groups whose weights are still the row blocks of their tensor: layers' ids → tensor."""
         if torch.compiler.is_compiling():  # the compiler fuses the concatenation; storage checks would break the graph
             return {}
-        return {ids: rows for ids, (rows, layers) in self._stored.items() if is_storage_of(rows, layers)}
+        return {ids: rows for ids, (rows, _) in self._intact_groups().items()}
 
     def forced_weights(self) -> list[torch.Tensor]:
         return [m.weight for m in self._forced_layers]
@@ -384,8 +388,8 @@ class FastDiT(DiT):
         """The batched projection; a group stored together is projected in place as one tensor."""
         if not self._forced_layers:
             return
-        together = [(rows, layers) for ids, (rows, layers) in self._stored.items()
-                    if is_storage_of(rows, layers) and all(layer.forced_weight_norm for layer in layers)]
+        together = [(rows, layers) for rows, layers in self._intact_groups().values()
+                    if all(layer.forced_weight_norm for layer in layers)]
         done = {id(layer) for _, layers in together for layer in layers}
         for rows, _ in together:
             project_rows_([rows])
