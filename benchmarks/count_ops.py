@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import sys
 
@@ -22,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
 from fast_paths import apply_fast_paths  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
@@ -45,10 +47,13 @@ class _Count(TorchDispatchMode):
 
 
 def switch_set(name: str) -> MPConfig:
-    """none, all or switch names joined by +, optionally followed by :MODULATION (e.g. all:scale+rotation+gate)."""
-    name, _, modulation = name.partition(":")
-    switches = {n: True for n in (MPConfig.all_mp_names() if name == "all" else [] if name == "none" else name.split("+"))}
-    return MPConfig(**switches, modulation=modulation or "adaln")
+    """A switch set as bench.py reads it (none, all, or switch names joined by +), optionally followed by
+    :MODULATION (e.g. all:scale+rotation+gate)."""
+    switches, _, modulation = name.partition(":")
+    sets = bench.parse_switches([switches])
+    if len(sets) != 1:
+        raise SystemExit(f"error: {name!r} names {len(sets)} switch sets; give each one on its own")
+    return dataclasses.replace(sets[0][1], modulation=modulation) if modulation else sets[0][1]
 
 
 def count_ops(model_name: str, mp: MPConfig, batch: int = 2, size: int = 16, channels: int = 4) -> collections.Counter:
