@@ -330,6 +330,13 @@ class FastDiT(DiT):
 
     def setup_fast_paths(self, ddp: bool) -> None:
         self.batched = not ddp
+        # What frozen_weights sets lives on the instances from the start. A compiled forward guards on the
+        # instance dict: an attribute that first appeared there in the first frozen_weights block (sampling,
+        # FID during training) failed the training graph's guards and recompiled it once per model.
+        self.frozen = False
+        for m in self.modules():
+            if isinstance(m, (FastMPLinear, FastModulationParts)):
+                m.given_weight = None
         # The weight users of the batched pass: every FastModulationParts whose parts batch, and the other
         # layers whose effective weight is computed.
         parts = [m for m in self.modules() if isinstance(m, FastModulationParts) and m.batchable]
