@@ -16,9 +16,11 @@ Examples
 
 --models NAME:SIZE[:CHANNELS] (latent CHANNELS×SIZE×SIZE, channels 4 by default). --switches takes none,
 all, each (the eight switches one at a time), a switch name (cosine_attention or use-cosine-attention) or
-several joined by '+'. --rounds N > 1 builds every switch set of a (model, precision, compile) group,
-then alternates their timed blocks N times (order reversed every other round) and reports medians: use it
-on a noisy machine. --time-budget S skips the groups that would end past S seconds (estimated from the
+several joined by '+'. --rounds N > 1 builds every switch set and compile setting of a (model, precision)
+group, then alternates their timed blocks N times (order reversed every other round) and reports medians:
+use it on a noisy machine. With --compile both the report adds each switch set's compiled ÷ eager step time.
+A compiled row counts the graphs compiled inside its timed steps (0 unless something recompiles, e.g. on
+switching between training and sampling) and the report flags any row whose times include compilation. --time-budget S skips the groups that would end past S seconds (estimated from the
 rows measured so far) and lists them; a failed row (OOM, compile error) is reported and the run goes on.
 --dry-run lists the configurations. On a CPU, denormals are flushed to zero as train.py does there
 (--no-flush-denormal keeps them). Results go to OUT.json and OUT.md (--out, default bench-results).
@@ -69,7 +71,9 @@ class Spec:
 
     @property
     def group(self):
-        return (self.model, self.size, self.channels, self.precision, self.compile)
+        """Configurations timed together (interleaved rounds) and budgeted together: eager and compiled rows
+        of one model and precision, so that their ratios come from the same minutes of a shared machine."""
+        return (self.model, self.size, self.channels, self.precision)
 
     def describe(self) -> str:
         return (f"{self.model} {self.channels}×{self.size}×{self.size} [{self.switches}] {self.precision}"
@@ -228,6 +232,12 @@ def graph_breaks() -> int:
         return 0
 
 
+def compilations() -> int:
+    """Graphs torch.compile has compiled in this process so far (each recompilation counts)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def n_timed(steps: int, min_time: float, last_step_s: float) -> int:
     if min_time <= 0 or last_step_s <= 0:
         return steps
@@ -292,6 +302,7 @@ def measure(spec: Spec, args, device) -> dict:
         peak_reset(device)
         b = Bench(spec, args, device)
         warm_up(b, args, row)
+        compiled_before = compilations()
         peak_reset(device)
         train_t = b.train_steps(row["train_steps_timed"])
         row["train_peak_gib"] = gib(peak_bytes(device))
@@ -300,6 +311,7 @@ def measure(spec: Spec, args, device) -> dict:
         fwd_t = b.forward_steps(row["fwd_steps_timed"])
         row["fwd_peak_gib"] = gib(peak_bytes(device))
         finish_row(row, b, [train_t], [fwd_t])
+        row["compiled_while_timed"] = compilations() - compiled_before
     except Exception as e:  # noqa: BLE001 - one failed row must not stop the benchmark
         row["error"] = error_text(e)
         row["traceback"] = traceback.format_exc(limit=6)
@@ -416,7 +428,8 @@ def main(argv=None) -> int:
             "args": {k: v for k, v in vars(args).items() if k != "rows_plan"}, "reference": reference.NOTE,
             "skipped": skipped, "total_s": time.perf_counter() - t0, "note": note,
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "flush_denormal": args.flush_denormal}
-    result = {"meta": meta, "rows": rows, "ratios": report.ratio_rows(rows)}
+    result = {"meta": meta, "rows": rows, "ratios": report.ratio_rows(rows),
+              "compile_ratios": report.compile_ratio_rows(rows)}
     text, out = report.write(result, args.out)
     print()
     print(text)

@@ -45,6 +45,28 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def compile_ratio_rows(rows: list[dict]) -> list[dict]:
+    """Step time of each compiled row ÷ its eager twin (same model, latent, precision and switches), with
+    the median of paired rounds when both were timed in the same interleaved rounds."""
+    eager = {(r["model"], r["latent"], r["precision"], r["switches"]): r for r in rows
+             if not r["compile"] and "train_img_s" in r and "error" not in r}
+    out = []
+    for r in rows:
+        e = eager.get((r["model"], r["latent"], r["precision"], r["switches"]))
+        if not r["compile"] or e is None or "train_img_s" not in r or "error" in r:
+            continue
+        entry = {"model": r["model"], "latent": r["latent"], "precision": r["precision"], "switches": r["switches"],
+                 "compile": True, "compile_mode": r.get("compile_mode"),
+                 "train_ratio": e["train_img_s"] / r["train_img_s"], "fwd_ratio": e["fwd_img_s"] / r["fwd_img_s"]}
+        rounds_c, rounds_e = r.get("train_step_ms_rounds", []), e.get("train_step_ms_rounds", [])
+        if len(rounds_c) > 1 and len(rounds_c) == len(rounds_e):
+            entry["train_ratio_paired_median"] = statistics.median(c / x for c, x in zip(rounds_c, rounds_e))
+            entry["fwd_ratio_paired_median"] = statistics.median(
+                c / x for c, x in zip(r["fwd_ms_rounds"], e["fwd_ms_rounds"]))
+        out.append(entry)
+    return out
+
+
 def compile_label(row: dict) -> str:
     """off, on (torch.compile's default mode) or the mode's name."""
     if not row["compile"]:
@@ -105,6 +127,25 @@ def markdown(result: dict) -> str:
             row += [fmt(e.get("ref_train_ratio"), "{:.2f}", "–"), fmt(e.get("ref_fwd_ratio"), "{:.2f}", "–")]
             cells.append(row)
         lines += table(head, cells)
+    if result.get("compile_ratios"):
+        lines += ["", "Compiled ÷ eager step time per switch set (below 1.00: compiling pays):", ""]
+        paired = any("train_ratio_paired_median" in e for e in result["compile_ratios"])
+        head = ["model", "latent", "precision", "compile", "switches", "train ×", "fwd ×"]
+        head += ["train × (median of paired rounds)", "fwd × (paired)"] if paired else []
+        cells = []
+        for e in result["compile_ratios"]:
+            row = [e["model"], e["latent"], e["precision"], compile_label(e), e["switches"],
+                   f"{e['train_ratio']:.3f}", f"{e['fwd_ratio']:.3f}"]
+            if paired:
+                row += [fmt(e.get(k), "{:.3f}", "–") for k in ("train_ratio_paired_median", "fwd_ratio_paired_median")]
+            cells.append(row)
+        lines += table(head, cells)
+    recompiled = [r for r in rows if r.get("compiled_while_timed")]
+    if recompiled:
+        lines += ["", "**These rows compiled inside their timed steps, so their times include compilation** "
+                  "(a recompilation on switching between training and sampling, or a guard that keeps failing):", ""]
+        lines += [f"- {r['model']} {r['latent']} [{r['switches']}] {r['precision']} compile {compile_label(r)}: "
+                  f"{r['compiled_while_timed']} graph(s)" for r in recompiled]
     if cuda:
         lines += ["", f"× ref / ref ×: {reference.NOTE}. × vanilla: facebookresearch/DiT, same source, same "
                   f"precision and compile. Compare with care on another card (this run: {meta['device_name']})."]

@@ -11,9 +11,10 @@ from benchmarks.report import compile_label, fmt
 from models import MODEL_SIZES
 
 PRESETS = {
-    # The CPU check: the all-eight step time against none. Short blocks (2 steps), alternated 11 times:
-    # on a shared machine, load bursts then hit both sets alike.
-    "cpu": dict(models=["DiT-XS/2:16"], switches=["none", "all"], precisions=["fp32"], compile="off",
+    # The CPU check: the all-eight step time against none, eager and compiled (inductor's C++ backend), and
+    # compiled against eager. Short blocks (2 steps), alternated 11 times: on a shared machine, load bursts
+    # then hit every row alike.
+    "cpu": dict(models=["DiT-XS/2:16"], switches=["none", "all"], precisions=["fp32"], compile="both",
                 batch_size=32, warmup=2, steps=2, rounds=11, min_time=0.0, device="cpu"),
     # The GPU set: eager rows first, then bf16 + torch.compile (B/2 first: it has a vanilla-DiT
     # reference). Fits ~6 minutes on an H100 with compile; --time-budget guards the rest.
@@ -84,11 +85,14 @@ def run_interleaved(specs: list[bench.Spec], args, device) -> list[dict]:
             rows[i]["train_steps_timed"], rows[i]["fwd_steps_timed"] = n_train, n_fwd
             others = sum(resident[j] for j in live if j != i and benches[j] is not None)
             try:
+                compiled_before = bench.compilations()
                 for k, (run, n) in enumerate(((b.train_steps, n_train), (b.forward_steps, n_fwd))):
                     bench.peak_reset(device)
                     times[i][k].append(run(n))
                     p = bench.peak_bytes(device)
                     peaks[i][k] = max(peaks[i][k], (p - others) if p is not None else 0)
+                rows[i]["compiled_while_timed"] = (rows[i].get("compiled_while_timed", 0)
+                                                   + bench.compilations() - compiled_before)
             except Exception as e:  # noqa: BLE001
                 fail(i, e)
     for i in live:
@@ -134,7 +138,9 @@ def print_rows(rows: list[dict]) -> None:
             print(f"  {r['model']} [{r['switches']}] {r['precision']} compile {compile_label(r)}: "
                   f"train {r['train_img_s']:,.0f} img/s ({r['train_step_ms']:.1f} ms/step), "
                   f"fwd {r['fwd_img_s']:,.0f} img/s, peak {fmt(r.get('train_peak_gib'), '{:.2f}')} GiB, "
-                  f"first step {r['first_train_step_s']:.1f} s, row {r['row_s']:.0f} s", flush=True)
+                  f"first step {r['first_train_step_s']:.1f} s, row {r['row_s']:.0f} s"
+                  + (f"; {r['compiled_while_timed']} graph(s) compiled while timed: the times include them"
+                     if r.get("compiled_while_timed") else ""), flush=True)
 
 
 def run_all(specs: list[bench.Spec], args, device) -> tuple[list[dict], list[str]]:

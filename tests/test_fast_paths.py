@@ -471,6 +471,31 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert "| DiT-XS/8 |" in (tmp_path / "res.md").read_text()
 
 
+def _bench_row(switches, compile, step_ms, fwd_ms, **extra):
+    return {"model": "DiT-XS/2", "latent": "4x16x16", "size": 16, "channels": 4, "switches": switches,
+            "precision": "fp32", "compile": compile, "compile_mode": "default" if compile else None,
+            "train_img_s": 32e3 / step_ms, "fwd_img_s": 32e3 / fwd_ms, "train_step_ms": step_ms, "fwd_ms": fwd_ms,
+            **extra}
+
+
+def test_bench_report_gives_each_switch_sets_compiled_over_eager_step_time():
+    from benchmarks import report
+    rows = [_bench_row("all", False, 500, 100), _bench_row("all", True, 450, 40), _bench_row("none", True, 400, 30)]
+    (entry,) = report.compile_ratio_rows(rows)  # "none" has no eager twin
+    assert entry["switches"] == "all" and entry["train_ratio"] == pytest.approx(0.9)
+    assert entry["fwd_ratio"] == pytest.approx(0.4)
+
+
+def test_bench_report_flags_a_row_that_compiled_inside_its_timed_steps():
+    from benchmarks import report
+    rows = [_bench_row("all", True, 1000, 40, compiled_while_timed=1), _bench_row("none", True, 400, 30)]
+    meta = {"device_name": "CPU", "torch": "x", "date": "d", "total_s": 1.0, "device": "cpu", "skipped": [],
+            "args": {"batch_size": 32, "warmup": 2, "steps": 2, "rounds": 1}}
+    text = report.markdown({"meta": meta, "rows": rows, "ratios": [], "compile_ratios": []})
+    flagged = text.split("times include compilation")[1]
+    assert "[all] fp32 compile on: 1 graph(s)" in flagged and "[none]" not in flagged
+
+
 def test_profile_step_smoke(capsys):
     module = _load_benchmark("profile_step")
     assert module.main(["--model", "DiT-XS/8:8", "--device", "cpu", "--batch-size", "2", "--precision", "fp32",
