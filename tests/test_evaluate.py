@@ -95,7 +95,10 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
     np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     ref = ev.read_set(tmp_path / "VIRTUAL_ref.npz")
     np.testing.assert_array_equal(ref.images, images)
-    np.testing.assert_array_equal(ref.stats[0], mu) and np.testing.assert_array_equal(ref.spatial_stats[1], sigma_s)
+    np.testing.assert_array_equal(ref.stats[0], mu)
+    np.testing.assert_array_equal(ref.stats[1], sigma)
+    np.testing.assert_array_equal(ref.spatial_stats[0], mu_s)
+    np.testing.assert_array_equal(ref.spatial_stats[1], sigma_s)
     # the file's statistics are used as they are (not recomputed from its images); its images give P/R features
     ref.features = {"pool": rng.normal(size=(6, 5)), "spatial": rng.normal(size=(6, 3))}
     samples = ev.EvalSet("s", features={"pool": rng.normal(size=(50, 5)), "spatial": rng.normal(size=(50, 3))})
@@ -103,7 +106,10 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
     s_pool, s_sp = samples.features["pool"], samples.features["spatial"]
     assert got["fid"] == pytest.approx(ref_frechet(s_pool.mean(0), np.cov(s_pool, rowvar=False), mu, sigma))
     assert got["sfid"] == pytest.approx(ref_frechet(s_sp.mean(0), np.cov(s_sp, rowvar=False), mu_s, sigma_s))
-    assert got["precision"] is not None
+    # precision/recall come from the reference's image features (precision_recall itself is held to a
+    # brute-force k-NN above)
+    want = precision_recall(ref.features["pool"], s_pool, k=ev.NEIGHBOURS)
+    assert (got["precision"], got["recall"]) == pytest.approx(want, rel=1e-12)
 
 
 def test_statistics_only_reference_says_why_precision_recall_are_missing(tmp_path):
