@@ -115,9 +115,10 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
 def test_statistics_only_reference_says_why_precision_recall_are_missing(tmp_path):
     np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
     ref = ev.read_set(tmp_path / "stats.npz")
-    samples = ev.EvalSet("s", features={"pool": np.random.default_rng(5).normal(size=(20, 4))})
-    got = ev.evaluate(samples, ref)
-    assert got["fid"] is not None and got["precision"] is None and got["sfid"] is None
+    pool = np.random.default_rng(5).normal(size=(20, 4))
+    got = ev.evaluate(ev.EvalSet("s", features={"pool": pool}), ref)
+    assert got["fid"] == pytest.approx(ref_frechet(pool.mean(0), np.cov(pool, rowvar=False), np.zeros(4), np.eye(4)))
+    assert got["precision"] is None and got["recall"] is None and got["sfid"] is None
     assert "statistics only" in got["notes"]["recall"] and "mu_s" in got["notes"]["sfid"]
     assert "pt_inception-2015-12-05-6726825d.pth" in got["notes"]["inception_score"]
 
