@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
+from logs import format_rates  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 from runs import read_jsonl  # noqa: E402
 
@@ -34,9 +35,20 @@ def run_label(run_dir: str) -> str:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
         mp = MPConfig.from_dict(config["mp"]).describe()
-        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}, lr {config['args']['lr']:g}"
+        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}, {run_rates(config)}"
     except (OSError, KeyError, ValueError):
         return os.path.basename(os.path.normpath(run_dir))
+
+
+def run_rates(config: dict) -> str:
+    """The learning rates the run's parameters train at, as its step lines show them: config.json's
+    "learning_rates" (only the kinds of parameters the model has); a run written before it existed
+    shows both of its options' rates."""
+    rates = config.get("learning_rates")
+    if not isinstance(rates, dict):
+        args = config["args"]
+        rates = {"lr": args["lr"], "mp_lr": args.get("mp_lr") or args["lr"]}
+    return format_rates(rates)
 
 
 def plot_loss(run_dir: str, out: str | None = None) -> str | None:

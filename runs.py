@@ -24,7 +24,7 @@ import torch.distributed as dist
 from atomic import (TEMP_RE, DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file, sync_files,
                     temp_prefix)
 from ema import reconstruct_ema
-from logs import RateWindow, Trackers
+from logs import RateWindow, Trackers, format_rates
 from models import DiT, build_model
 from mp_layers import MPConfig
 
@@ -209,9 +209,12 @@ def create_run_dir(results_dir: str, model_name: str) -> str:
             index += 1
 
 
-def new_config(args, mp: MPConfig, dataset, world_size: int) -> dict:
-    """config.json of a new run: its options, and what rebuilds its model and its data normalisation."""
-    return {"args": vars(args), "model": args.model, "mp": mp.to_dict(), "data": dataset.describe(),
+def new_config(args, mp: MPConfig, dataset, world_size: int, learning_rates: dict | None = None) -> dict:
+    """config.json of a new run: its options, the base learning rates its parameters train at ("lr" plain,
+    "mp_lr" MP, each only where the model has such parameters), and what rebuilds its model and its data
+    normalisation."""
+    rates = {"learning_rates": learning_rates} if learning_rates is not None else {}
+    return {"args": vars(args), "model": args.model, "mp": mp.to_dict(), **rates, "data": dataset.describe(),
             "num_classes": dataset.num_classes, "in_channels": dataset.channels, "input_size": dataset.resolution,
             "world_size": world_size, "torch": torch.__version__}
 
@@ -335,7 +338,7 @@ class Run:
         rate of the last few log intervals of this process (so a resumed run's is its own)."""
         steps, self.logged_step = record["step"] - self.logged_step, record["step"]
         self.rate.add(steps, steps / record["steps_per_s"] if record["steps_per_s"] > 0 else 0.0)
-        self.log(f"step {record['step']:7d}/{num_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        self.log(f"step {record['step']:7d}/{num_steps}  loss {record['loss']:.4f}  {format_rates(record)}  "
                  f"{record['steps_per_s']:.2f} steps/s  {record['img_per_s']:.0f} img/s  "
                  f"peak {record['peak_mem_gib']:.2f} GiB  eta {self.rate.eta(num_steps - record['step'])}")
         self.append("metrics.jsonl", record)

@@ -285,7 +285,8 @@ def train(argv=None) -> str:
             run.log(f"resuming {run.path} from step {state.step} ({path})")
         else:
             run = runs.Run.create(args.results_dir, args.model, rank, world_size, lock)
-            run.write_config(runs.new_config(args, mp, dataset, world_size))
+            run.write_config(runs.new_config(args, mp, dataset, world_size,
+                                             training.learning_rates(state.opt, state.model)))
             run.log(f"run folder {run.path}")
         for note in notes:
             run.warn(note)
