@@ -267,7 +267,7 @@ def train(argv=None) -> str:
                                     image_column=args.image_column, label_column=args.label_column,
                                     recorded=resumed_config["data"] if resumed_config else None)
         state = training.build_state(args, dataset, mp, device)
-        fid_reference = during_training.resolve_reference(args, dataset, rank, world_size)  # before any training
+        fid_reference, reference_seconds = during_training.resolve_reference(args, dataset, rank, world_size)
         notes = []  # said once the run folder's log exists
         if args.resume:
             path, ckpt, said = runs.checkpoint_to_resume(args.resume, args.resume_checkpoint)
@@ -295,10 +295,13 @@ def train(argv=None) -> str:
                 f"{world_size} process(es) on {device}, precision {args.precision}, "
                 f"global batch {args.batch_size}, {training.describe_learning_rates(state.opt)}")
         run.log_disk_plan(args, n_params, state.step)
+        if reference_seconds >= 1:
+            run.log(f"FID reference {fid_reference}: {logs.format_duration(reference_seconds)} (counted in the "
+                    f"evaluations' cost_fraction)")
 
         meter = training.LossMeter(state, world_size, device)
         fid = during_training.TrainingFID(args, fid_reference, runs.new_config(args, mp, dataset, world_size), rank,
-                                          world_size, device)
+                                          world_size, device, reference_seconds)
         magnitudes = training.MagnitudeRecorder(args.magnitude_every, state.step, args.num_steps, device, run.log)
         state.model.train()
         with (training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -27,38 +28,80 @@ import hf_data
 from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, load_inception, resolve_device
+from logs import format_duration
 
 # The real images each built-in training set is compared with (MNIST: its 10,000 test images).
 BUILTIN_REFERENCES = {"digits": "digits", "mnist": "mnist-test", "mnist-test": "mnist-test"}
+# Reference images by default: all on a GPU; on a CPU, where the Inception takes ~0.5 s an image, this many
+# (a few minutes; the FID against them is a noisier, biased estimate, fine for comparing runs and steps).
+CPU_REFERENCE_IMAGES = 300
+PROBE_IMAGES = 8  # images timed for the announced estimate
 
 
-def dataset_images(dataset, batch_size: int = 256, device="cpu", max_images: int | None = None) -> np.ndarray:
-    """The dataset's images as uint8 N×H×W×3 (latents decoded with the dataset's VAE)."""
+def ref_images_argument(text: str) -> int | str:
+    """--ref-images / --eval-ref-images: a positive count, or "all"."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or all, got {text!r}")
+    return value
+
+
+def reference_images(given: int | str | None, device="auto") -> int | None:
+    """How many reference images --ref-images `given` asks for (None: all of them): a count, "all", or when
+    not given all on a GPU and CPU_REFERENCE_IMAGES on a CPU (`device` computes the reference)."""
+    if given is None:
+        return None if resolve_device(device).type == "cuda" else CPU_REFERENCE_IMAGES
+    return None if given == "all" else int(given)
+
+
+def cache_tag(num_images: int | None) -> str:
+    """The part of a cached reference's file name that says how many images it holds ("" for all of them)."""
+    return "" if num_images is None else f"-n{num_images}"
+
+
+def dataset_images(dataset, indices, batch_size: int = 256, device="cpu", progress: bool = True) -> np.ndarray:
+    """The dataset's items `indices` as uint8 N×H×W×3 images (latents decoded with the dataset's VAE)."""
     info = dataset.describe()
     vae = data.load_vae(info["vae"] or data.DEFAULT_VAE, device) if info["kind"] == "latent" else None
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
     out = []
     torch.manual_seed(0)  # latent sets draw a posterior sample per item
-    for start in tqdm(range(0, n, batch_size), desc="images", unit="batch"):
-        x = torch.stack([dataset[i][0] for i in range(start, min(n, start + batch_size))]).to(device)
+    for start in tqdm(range(0, len(indices), batch_size), desc="images", unit="batch", disable=not progress):
+        x = torch.stack([dataset[int(i)][0] for i in indices[start:start + batch_size]]).to(device)
         out.append(data.to_uint8_images(data.decode_samples(x, info, vae=vae)))
     return np.concatenate(out)
 
 
-def reference_statistics(data_path: str, out: str, *, image_size: int | None = None, max_images: int | None = None,
-                         device="auto", inception_weights=None, batch_size: int = 100, **columns) -> str:
+def reference_statistics(data_path: str, out: str, *, image_size: int | None = None, num_images: int | None = None,
+                         device="auto", inception_weights=None, batch_size: int = 100, log=print, **columns) -> str:
     """Computes and saves the reference statistics and features of `data_path` (a built-in name is mapped to its
-    reference split); returns `out`. An existing complete file is reused (one without the features of
-    precision/recall, as older versions wrote, is recomputed). `columns` (split, image_column, label_column)
-    choose what a Hugging Face dataset provides."""
+    reference split) over `num_images` evenly spaced images (None: all); returns `out`. Before the work a line
+    (`log`) says what is computed, over how many images, and about how long it takes (timed on a few images).
+    An existing complete file is reused (one without the features of precision/recall, as older versions
+    wrote, is recomputed). `columns` (split, image_column, label_column) choose what a Hugging Face dataset
+    provides."""
     if os.path.isfile(out) and _is_complete(out):
         return out
     ref_path = BUILTIN_REFERENCES.get(str(data_path), data_path)
     dataset = data.load_dataset(ref_path, image_size=image_size, **columns)
     dev = resolve_device(device)
-    images = dataset_images(dataset, device=dev, max_images=max_images)
+    indices = data.spaced_subset(len(dataset), len(dataset) if num_images is None else num_images)
     extractor = load_inception(inception_weights, device=dev)
+    began = time.perf_counter()  # the estimate: a few images decoded and featurised, timed
+    probe = images_set(dataset_images(dataset, indices[:PROBE_IMAGES], device=dev, progress=False), "probe")
+    featurize(probe, extractor, batch_size=batch_size, device=dev, progress=False)
+    per_image = (time.perf_counter() - began) / min(PROBE_IMAGES, len(indices))
+    which = "all" if len(indices) == len(dataset) else f"{len(indices):,} evenly spaced of the"
+    log(f"reference: Inception statistics of {which} {len(dataset):,} images of {ref_path} on {dev}, about "
+        f"{format_duration(per_image * len(indices))} (cached in {out})")
+    began = time.perf_counter()
+    images = dataset_images(dataset, indices, device=dev)
     save_reference(featurize(images_set(images, str(ref_path)), extractor, batch_size=batch_size, device=dev), out)
+    log(f"reference: computed in {format_duration(time.perf_counter() - began)}")
     return out
 
 
@@ -77,7 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=None)
     hf_data.add_arguments(p)
     p.add_argument("--out", required=True, help="statistics .npz to write (keys mu, sigma)")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--ref-images", "--max-images", type=ref_images_argument, default="all", metavar="N|all",
+                   help="compute the statistics over N evenly spaced images")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--inception-weights", default=None)
@@ -85,7 +129,7 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.out):
             raise FIDError(f"{args.out} exists; remove it or choose another --out")
-        reference_statistics(args.data_path, args.out, image_size=args.image_size, max_images=args.max_images,
+        reference_statistics(args.data_path, args.out, image_size=args.image_size, num_images=reference_images(args.ref_images),
                              device=args.device, inception_weights=args.inception_weights, batch_size=args.batch_size,
                              split=args.split, image_column=args.image_column, label_column=args.label_column)
     except (FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:

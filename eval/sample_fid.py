@@ -35,7 +35,8 @@ from eval.evaluate import (METRICS, check_set, evaluate, feature_dims, featurize
                            read_set)
 from eval.fid import FIDError
 from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
-from eval.ref_stats import BUILTIN_REFERENCES, reference_statistics
+from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, reference_images,
+                            reference_statistics)
 from fast_paths import apply_fast_paths
 from runs import RunError, append_jsonl, find_checkpoint, load_run_model
 from sample import (OneLineParser, add_sampling_arguments, check_sampling_args, generate, load_guide,
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default="auto",
                    help='reference: images .npz, image folder or ImageFolder, ADM reference batch, statistics '
                         'cache, "auto" (the run\'s built-in dataset) or "none" (samples only)')
+    p.add_argument("--ref-images", type=ref_images_argument, default=None, metavar="N|all",
+                   help="with --ref auto: compute the reference over N evenly spaced images of the dataset "
+                        "(default: all on a GPU, 300 on a CPU)")
     p.add_argument("--out", default=None, help="samples .npz (default RUN/fid/samples-<tag>.npz)")
     p.add_argument("--inception-weights", default=None, help="TorchScript FID Inception (default: the bundled one)")
     p.add_argument("--inception-classifier", default=None, metavar="PATH",
@@ -77,7 +81,11 @@ def sample_tag(args) -> str:
             f"-seed{args.seed}{precision_tag(args.precision)}")
 
 
-def resolve_reference(ref: str, config: dict, results_dir: str, inception_weights=None) -> str | None:
+def resolve_reference(ref: str, config: dict, results_dir: str, inception_weights=None,
+                      ref_images: int | str | None = None, log=print) -> str | None:
+    """The reference's path: `ref` as given, or for "auto" the built-in dataset's statistics over
+    `ref_images` evenly spaced images (see ref_stats.reference_images: a count, "all", or None for the
+    default), computed once into RESULTS/refs/ under a name that says the count and the Inception weights."""
     if ref == "none":
         return None
     if ref != "auto":
@@ -90,8 +98,11 @@ def resolve_reference(ref: str, config: dict, results_dir: str, inception_weight
                        f"and pass it with --ref")
     # Statistics from other Inception weights than the bundled ones are cached under another name.
     weights_tag = f"-w{sha1_of_file(inception_weights)[:10]}" if inception_weights and os.path.isfile(inception_weights) else ""
-    cache = os.path.join(results_dir, "refs", f"{BUILTIN_REFERENCES[name]}-{config['input_size']}{weights_tag}.npz")
-    return reference_statistics(name, cache, image_size=config["input_size"], inception_weights=inception_weights)
+    num_images = reference_images(ref_images)
+    cache = os.path.join(results_dir, "refs",
+                         f"{BUILTIN_REFERENCES[name]}-{config['input_size']}{cache_tag(num_images)}{weights_tag}.npz")
+    return reference_statistics(name, cache, image_size=config["input_size"], inception_weights=inception_weights,
+                                num_images=num_images, log=log)
 
 
 def prepare_reference(args, config: dict, device):
@@ -102,7 +113,8 @@ def prepare_reference(args, config: dict, device):
     extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
     dims = feature_dims(extractor)
     path = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),
-                             inception_weights=args.inception_weights)
+                             inception_weights=args.inception_weights,
+                             ref_images=args.ref_images)
     reference = read_set(path)
     check_set(reference, dims)
     return extractor, reference
