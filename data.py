@@ -238,6 +238,7 @@ class _Base(Dataset):
     num_classes: int
     stats: dict[str, list[float]]
     vae: str | None = None
+    in_memory: bool = False  # items read from memory (no file decoding a loader process could overlap)
     labels: torch.Tensor
     class_names: list[str] | None = None
     random_flip: bool = False
@@ -309,6 +310,7 @@ class TensorImageDataset(_Base):
     """In-memory pixel set (the built-ins): data pre-normalised, ``__getitem__`` is an index."""
 
     kind = "pixel"
+    in_memory = True  # (train.py's --num-workers defaults to 0: loader processes would only add overhead)
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, *, name: str, data_path: str | None,
                  num_classes: int | None, class_names: list[str] | None = None, random_flip: bool = False):
@@ -336,6 +338,7 @@ class LatentDataset(_Base):
     """
 
     kind = "latent"
+    in_memory = True  # the posteriors are loaded whole; an item is a sample from them
 
     def __init__(self, path: str, num_classes: int | None = None, random_flip: bool = False):
         path = os.path.abspath(os.path.expanduser(path))

@@ -35,7 +35,7 @@ BUILTIN_REFERENCES = {"digits": "digits", "mnist": "mnist-test", "mnist-test": "
 # Reference images by default: all on a GPU; on a CPU, where the Inception takes ~0.5 s an image, this many
 # (a few minutes; the FID against them is a noisier, biased estimate, fine for comparing runs and steps).
 CPU_REFERENCE_IMAGES = 300
-PROBE_IMAGES = 8  # images timed for the announced estimate
+PROBE_IMAGES = 16  # images timed for the announced estimate
 
 
 def ref_images_argument(text: str) -> int | str:
@@ -76,6 +76,18 @@ def dataset_images(dataset, indices, batch_size: int = 256, device="cpu", progre
     return np.concatenate(out)
 
 
+def time_per_image(dataset, indices, extractor, device) -> float:
+    """Seconds to decode and featurise one of the images `indices`, timed on them after one untimed warm-up
+    image (the first forward of a network sets up its kernels and would count several times over)."""
+    def featurize_images(chosen):
+        featurize(images_set(dataset_images(dataset, chosen, device=device, progress=False), "probe"), extractor,
+                  batch_size=len(chosen), device=device, progress=False)
+    featurize_images(indices[:1])
+    began = time.perf_counter()
+    featurize_images(indices)
+    return (time.perf_counter() - began) / len(indices)
+
+
 def reference_statistics(data_path: str, out: str, *, image_size: int | None = None, num_images: int | None = None,
                          device="auto", inception_weights=None, batch_size: int = 100, log=print, **columns) -> str:
     """Computes and saves the reference statistics and features of `data_path` (a built-in name is mapped to its
@@ -91,10 +103,7 @@ def reference_statistics(data_path: str, out: str, *, image_size: int | None = N
     dev = resolve_device(device)
     indices = data.spaced_subset(len(dataset), len(dataset) if num_images is None else num_images)
     extractor = load_inception(inception_weights, device=dev)
-    began = time.perf_counter()  # the estimate: a few images decoded and featurised, timed
-    probe = images_set(dataset_images(dataset, indices[:PROBE_IMAGES], device=dev, progress=False), "probe")
-    featurize(probe, extractor, batch_size=batch_size, device=dev, progress=False)
-    per_image = (time.perf_counter() - began) / min(PROBE_IMAGES, len(indices))
+    per_image = time_per_image(dataset, indices[:PROBE_IMAGES], extractor, dev)
     which = "all" if len(indices) == len(dataset) else f"{len(indices):,} evenly spaced of the"
     log(f"reference: Inception statistics of {which} {len(dataset):,} images of {ref_path} on {dev}, about "
         f"{format_duration(per_image * len(indices))} (cached in {out})")
