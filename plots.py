@@ -185,7 +185,8 @@ def plot_fid_bands(groups: list[tuple[str, list[list[tuple[int, float]]]]], out:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import Parser
+    p = Parser(description=__doc__)
     p.add_argument("runs", nargs="*", help="run folders written by train.py")
     p.add_argument("--out", default="magnitudes.png")
     p.add_argument("--loss-curves", nargs="+", metavar="METRICS_JSONL",

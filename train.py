@@ -25,6 +25,7 @@ import hf_data
 import logs
 import runs
 import training
+from cli import Parser
 from diffusion import create_diffusion
 from eval import during_training
 from models import MODEL_NAMES
@@ -66,8 +67,7 @@ class Interrupted(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, epilog=EXIT_CODES)
     p.add_argument("--data-path", default="digits",
                    help="latent folder, ImageFolder, Hugging Face dataset (a save_to_disk folder, a hub name such as "
                         "benjamin-paine/imagenet-1k-128x128, or hf:NAME), or a built-in set: digits (default), mnist")
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
     hf_data.add_arguments(p)
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", default="results", help="parent folder of the run folders (RESULTS/NNN-MODEL)")
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
                    help="one of " + ", ".join(MODEL_NAMES))
     p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")

@@ -5,7 +5,7 @@ Convergence speed is where magnitude preservation claims to help, and one FID at
 and scored against the run's reference statistics. The draw is eval/sample_fid.py's: the same labels,
 noise and batching for the same seed, so the number equals what
 
-    python eval/sample_fid.py --result-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
+    python eval/sample_fid.py --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
         --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --ref REF
 
 computes afterwards from the checkpoint of that step (a test holds them equal). Under DDP every rank
@@ -90,7 +90,8 @@ def resolve_reference(args, dataset, rank: int, world_size: int) -> tuple[str | 
     if rank == 0 and args.eval_every:
         config = {"data": dataset.describe(), "input_size": dataset.resolution}
         path = resolve(args.eval_ref, config, os.path.abspath(args.results_dir), args.inception_weights,
-                       ref_images=getattr(args, "eval_ref_images", None), log=lambda line: print(line, flush=True))
+                       ref_images=getattr(args, "eval_ref_images", None), log=lambda line: print(line, flush=True),
+                       flag="--eval-ref")
     if world_size > 1:
         dist.barrier()  # the others wait while rank 0 computes a missing reference
     return path, time.perf_counter() - began

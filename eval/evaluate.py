@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
+from cli import Parser  # noqa: E402
 from eval.fid import (  # noqa: E402
     FIDError,
     _check_exists,
@@ -229,15 +230,8 @@ def write_json(path, result: dict) -> None:
         Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python eval/evaluate.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python eval/evaluate.py", description=__doc__)
     p.add_argument("samples", metavar="SAMPLES", help="images .npz / image folder / ImageFolder")
     p.add_argument("reference", metavar="REFERENCE", help="images, an ADM reference batch or a statistics cache")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the metrics here too")
@@ -252,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="matrix square root of the Fréchet distance (sqrtm as ADM; eigh is equivalent and faster)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -89,7 +89,8 @@ def time_per_image(dataset, indices, extractor, device) -> float:
 
 
 def reference_statistics(data_path: str, out: str, *, image_size: int | None = None, num_images: int | None = None,
-                         device="auto", inception_weights=None, batch_size: int = 100, log=print, **columns) -> str:
+                         device="auto", inception_weights=None, batch_size: int = 100, log=print,
+                         progress: bool = True, **columns) -> str:
     """Computes and saves the reference statistics and features of `data_path` (a built-in name is mapped to its
     reference split) over `num_images` evenly spaced images (None: all); returns `out`. Before the work a line
     (`log`) says what is computed, over how many images, and about how long it takes (timed on a few images).
@@ -108,8 +109,9 @@ def reference_statistics(data_path: str, out: str, *, image_size: int | None = N
     log(f"reference: Inception statistics of {which} {len(dataset):,} images of {ref_path} on {dev}, about "
         f"{format_duration(per_image * len(indices))} (cached in {out})")
     began = time.perf_counter()
-    images = dataset_images(dataset, indices, device=dev)
-    save_reference(featurize(images_set(images, str(ref_path)), extractor, batch_size=batch_size, device=dev), out)
+    images = dataset_images(dataset, indices, device=dev, progress=progress)
+    save_reference(featurize(images_set(images, str(ref_path)), extractor, batch_size=batch_size, device=dev,
+                             progress=progress), out)
     log(f"reference: computed in {format_duration(time.perf_counter() - began)}")
     return out
 
@@ -123,7 +125,8 @@ def _is_complete(path: str) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import Parser
+    p = Parser(description=__doc__)
     p.add_argument("--data-path", required=True,
                    help="digits, mnist, mnist-test, a latent folder, an ImageFolder or a Hugging Face dataset")
     p.add_argument("--image-size", type=int, default=None)
@@ -134,11 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--inception-weights", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         if os.path.exists(args.out):
             raise FIDError(f"{args.out} exists; remove it or choose another --out")
-        reference_statistics(args.data_path, args.out, image_size=args.image_size, num_images=reference_images(args.ref_images),
+        reference_statistics(args.data_path, args.out, image_size=args.image_size, num_images=reference_images(args.ref_images), progress=not args.no_progress,
                              device=args.device, inception_weights=args.inception_weights, batch_size=args.batch_size,
                              split=args.split, image_column=args.image_column, label_column=args.label_column)
     except (FIDError, InceptionWeightsError, data.DatasetError, ValueError, OSError) as e:

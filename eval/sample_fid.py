@@ -1,8 +1,8 @@
 """FID-10K of a trained run (and the rest of the ADM evaluator's metrics), with the paper's protocol as defaults.
 
-python eval/sample_fid.py --result-dir results/000-DiT-XS-2
-python eval/sample_fid.py --result-dir RUN --sampler dpm-solver++ --num-sampling-steps 25
-torchrun --nproc_per_node=8 eval/sample_fid.py --result-dir RUN --ref VIRTUAL_imagenet256_labeled.npz
+python eval/sample_fid.py --run-dir results/000-DiT-XS-2
+python eval/sample_fid.py --run-dir RUN --sampler dpm-solver++ --num-sampling-steps 25
+torchrun --nproc_per_node=8 eval/sample_fid.py --run-dir RUN --ref VIRTUAL_imagenet256_labeled.npz
 
 Draws --num-samples labels uniformly over the classes (seeded), splits the images across the processes,
 samples them with the post-hoc EMA (--ema-std, default 0.05), CFG 1.5 and 250 DDPM steps, writes
@@ -39,14 +39,17 @@ from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, 
                             reference_statistics)
 from fast_paths import apply_fast_paths
 from runs import RunError, append_jsonl, find_checkpoint, load_run_model
-from sample import (OneLineParser, add_sampling_arguments, check_sampling_args, generate, load_guide,
-                    precision_tag, sampling_tag)
+from cli import Parser
+from sample import (add_sampling_arguments, check_sampling_args, generate, load_guide, precision_tag,
+                    resolve_run_dir, sampling_tag)
 from training import setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--result-dir", required=True)
+    p = Parser(description=__doc__)
+    p.add_argument("--run-dir", metavar="RUN", default=None,
+                   help="run folder written by train.py (may be left out when --ckpt is a file of its checkpoints/)")
+    p.add_argument("--result-dir", dest="run_dir", help=argparse.SUPPRESS)  # (the earlier name, still taken)
     p.add_argument("--num-samples", type=int, default=10_000)
     add_sampling_arguments(p, cfg_scale=1.5, seed=42)
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass and process")
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-ema", action="store_true",
                    help="with --ckpt: that checkpoint's tracked EMA of --ema-std (fp32, what train.py --eval-every "
                         "scores) instead of its raw weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -74,7 +78,7 @@ def fid_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
 
 def sample_tag(args) -> str:
     if args.ckpt is not None:
-        weights = f"ckpt{find_checkpoint(args.result_dir, args.ckpt)[0]}" + (f"-ema{args.ema_std:g}" if args.ckpt_ema else "")
+        weights = f"ckpt{find_checkpoint(args.run_dir, args.ckpt)[0]}" + (f"-ema{args.ema_std:g}" if args.ckpt_ema else "")
     else:
         weights = f"ema{args.ema_std:g}" + (f"-step{args.step}" if args.step is not None else "")
     return (f"{weights}-cfg{args.cfg_scale:g}{sampling_tag(args)}-n{args.num_samples}"
@@ -82,7 +86,7 @@ def sample_tag(args) -> str:
 
 
 def resolve_reference(ref: str, config: dict, results_dir: str, inception_weights=None,
-                      ref_images: int | str | None = None, log=print) -> str | None:
+                      ref_images: int | str | None = None, log=print, flag: str = "--ref") -> str | None:
     """The reference's path: `ref` as given, or for "auto" the built-in dataset's statistics over
     `ref_images` evenly spaced images (see ref_stats.reference_images: a count, "all", or None for the
     default), computed once into RESULTS/refs/ under a name that says the count and the Inception weights."""
@@ -95,7 +99,7 @@ def resolve_reference(ref: str, config: dict, results_dir: str, inception_weight
     name = config["data"]["name"]
     if name not in BUILTIN_REFERENCES:
         raise FIDError(f"no automatic reference for dataset {name!r}; compute one with eval/ref_stats.py "
-                       f"and pass it with --ref")
+                       f"and pass it with {flag}")
     # Statistics from other Inception weights than the bundled ones are cached under another name.
     weights_tag = f"-w{sha1_of_file(inception_weights)[:10]}" if inception_weights and os.path.isfile(inception_weights) else ""
     num_images = reference_images(ref_images)
@@ -112,7 +116,7 @@ def prepare_reference(args, config: dict, device):
         return None, None
     extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
     dims = feature_dims(extractor)
-    path = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.result_dir)),
+    path = resolve_reference(args.ref, config, os.path.dirname(os.path.abspath(args.run_dir)),
                              inception_weights=args.inception_weights,
                              ref_images=args.ref_images)
     reference = read_set(path)
@@ -122,19 +126,20 @@ def prepare_reference(args, config: dict, device):
 
 def run(args) -> dict | None:
     check_sampling_args(args)
+    resolve_run_dir(args)
     if args.num_samples < 2:
         raise FIDError(f"--num-samples must be at least 2, got {args.num_samples}")
     rank, world_size, device = setup_distributed(None)
     if args.ckpt_ema and args.ckpt is None:
         raise FIDError("--ckpt-ema needs --ckpt STEP (the checkpoint whose tracked EMA to use)")
-    model, config, what = load_run_model(args.result_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
+    model, config, what = load_run_model(args.run_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
                                          step=args.step, device=device, ckpt_ema=args.ckpt_ema)
     apply_fast_paths(model)
-    guide, guide_what = load_guide(args.guide, args, args.result_dir, config, device) if args.guide else (None, "")
+    guide, guide_what = load_guide(args.guide, args, args.run_dir, config, device) if args.guide else (None, "")
     extractor = reference = None
     if rank == 0:  # the reference and the Inception before the long sampling (a cached reference computed once)
         extractor, reference = prepare_reference(args, config, device)
-    fid_dir = os.path.join(args.result_dir, "fid")
+    fid_dir = os.path.join(args.run_dir, "fid")
     out = args.out or os.path.join(fid_dir, f"samples-{sample_tag(args)}.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
@@ -149,7 +154,7 @@ def run(args) -> dict | None:
     # as long as each process's share is a multiple of --batch-size (e.g. 10,000 = 8 x 5 x 250).
     images = generate(model, config, labels[lo:hi].to(device), cfg_scale=args.cfg_scale,
                       num_steps=args.num_sampling_steps, sampler=args.sampler, seed=args.seed, first_index=lo,
-                      batch_size=args.batch_size, device=device, progress=rank == 0, precision=args.precision,
+                      batch_size=args.batch_size, device=device, progress=rank == 0 and not args.no_progress, precision=args.precision,
                       compile=args.compile, eta=args.ddim_eta, guide=guide, guidance_interval=args.guidance_interval)
     part = f"{out}.part{rank}.npy"
     with atomic_path(part) as tmp:
