@@ -219,6 +219,37 @@ def new_config(args, mp: MPConfig, dataset, world_size: int, learning_rates: dic
             "world_size": world_size, "torch": torch.__version__}
 
 
+def record_vae(config: dict, run_dir: str) -> dict:
+    """config.json's data record with the VAE's place for a run folder that moves: a hub name stays a name;
+    a local folder (recorded absolute) is also recorded relative to the run ("vae_from_run", e.g. ../vae)
+    when it lies inside the run's results folder, so that it is found after the results folder moves."""
+    vae = config.get("data", {}).get("vae")
+    if vae and os.path.isdir(vae):
+        parent = os.path.dirname(os.path.abspath(run_dir))
+        if os.path.abspath(vae).startswith(parent + os.sep):
+            config["data"]["vae_from_run"] = os.path.relpath(os.path.abspath(vae), os.path.abspath(run_dir))
+    return config
+
+
+def run_vae(config: dict, run_dir: str, given: str | None = None) -> str | None:
+    """The VAE that decodes the run's latents: `given` (a tool's --vae) first, then the recorded folder
+    relative to the run (wherever the results folder now lies), then the recorded hub name or path."""
+    if given:
+        return os.path.abspath(os.path.expanduser(given)) if os.path.isdir(os.path.expanduser(given)) else given
+    data = config.get("data", {})
+    relative = data.get("vae_from_run")
+    if relative and os.path.isdir(os.path.join(run_dir, relative)):
+        return os.path.normpath(os.path.join(os.path.abspath(run_dir), relative))
+    return data.get("vae")
+
+
+def with_vae(config: dict, run_dir: str, given: str | None = None) -> dict:
+    """`config` whose data record names the VAE `run_vae` picks (a copy; config.json is not changed)."""
+    if config.get("data", {}).get("kind") != "latent":
+        return config
+    return {**config, "data": {**config["data"], "vae": run_vae(config, run_dir, given)}}
+
+
 def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
     """The "train" logger: stdout and RUN/log.txt on rank 0, silent elsewhere."""
     logger = logging.getLogger("train")

@@ -28,7 +28,7 @@ from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS, check_guidance_interval
 from fast_paths import apply_fast_paths, frozen_weights
-from runs import RunError, find_checkpoint, load_run_config, load_run_model
+from runs import RunError, find_checkpoint, load_run_config, load_run_model, with_vae
 from cli import Parser
 from training import configure_precision, parse_device
 
@@ -91,6 +91,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, cfg_scale: float, seed
                         "(same as fp32 on a CPU except bf16); the sampler's own arithmetic stays in fp32 or wider")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (pays off over many sampling steps on a GPU)")
+    p.add_argument("--vae", default=None, metavar="NAME_OR_PATH",
+                   help="the VAE that decodes a latent run's samples, where it is now (default: the run's "
+                        "recorded one; a VAE folder in the results folder is found after the results folder moved)")
 
 
 MAX_SEED = 2**32 - 1  # each batch seeds its generator with seed·1,000,003 + its position: must fit 64 bits
@@ -266,6 +269,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         model, config, what = load_run_model(args.run_dir, ema_std=None if args.ckpt is not None else args.ema_std,
                                              ckpt_step=args.ckpt, step=args.step, device=device)
+        config = with_vae(config, args.run_dir, args.vae)
         apply_fast_paths(model)
         guide, guide_what = load_guide(args.guide, args, args.run_dir, config, device) if args.guide else (None, "")
         num_classes = config["num_classes"]

@@ -34,14 +34,14 @@ from runs import RunError, list_checkpoints, load_run_config
 from training import COMPILE_MODES, TrainingError
 
 # Options that define what a run is; on --resume they come from the run and may not be changed.
-RUN_DEFINING = ["model", "data_path", "image_size", "vae", "random_flip", "split", "image_column", "label_column",
+RUN_DEFINING = ["model", "data_path", "image_size", "random_flip", "split", "image_column", "label_column",
                 "num_classes", "batch_size", "lr", "mp_lr", "seed",
                 "num_lin_warmup", "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.option_names(),
                 "use_all_mp"]
 MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
-RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
+RESUMABLE = ["vae", "num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
              *during_training.RESUMABLE, *logs.RESUMABLE]
 
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, metavar="NAME_OR_PATH",
                    help="train images in the latent space of this diffusers AutoencoderKL (hub name such as "
                         "stabilityai/sd-vae-ft-mse, or a local folder), encoding each batch as it is read; "
-                        "default: images train in pixel space")
+                        "default: images train in pixel space. With --resume: where the run's VAE is now (the "
+                        "same VAE; the run's own record is used otherwise)")
     p.add_argument("--random-flip", action="store_true",
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
@@ -263,6 +264,8 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     for k, v in vars(args).items():  # options added to train.py after the run was created
         if not hasattr(resumed, k):
             setattr(resumed, k, v)
+    if "vae" not in explicit:  # the VAE where it is now: moved with the run folder, or as recorded
+        resumed.vae = runs.run_vae(config, run_dir) if saved.get("vae") else None
     resumed.resume, resumed.resume_checkpoint = run_dir, checkpoint
     resumed.results_dir = os.path.dirname(os.path.abspath(run_dir))
     return resolve_learning_rates(resumed), config
@@ -306,8 +309,9 @@ def train(argv=None) -> str:
             run.log(f"resuming {run.path} from step {state.step} ({path})")
         else:
             run = runs.Run.create(args.results_dir, args.model, rank, world_size, lock)
-            run.write_config(runs.new_config(args, mp, dataset, world_size,
-                                             training.learning_rates(state.opt, state.model)))
+            run.write_config(runs.record_vae(runs.new_config(args, mp, dataset, world_size,
+                                                             training.learning_rates(state.opt, state.model)),
+                                             run.path))
             run.log(f"run folder {run.path}")
         for note in notes:
             run.warn(note)

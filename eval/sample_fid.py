@@ -38,7 +38,7 @@ from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
 from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, reference_images,
                             reference_statistics)
 from fast_paths import apply_fast_paths
-from runs import RunError, append_jsonl, find_checkpoint, load_run_model
+from runs import RunError, append_jsonl, find_checkpoint, load_run_model, with_vae
 from cli import Parser
 from sample import (add_sampling_arguments, check_sampling_args, generate, load_guide, precision_tag,
                     resolve_run_dir, sampling_tag)
@@ -134,6 +134,7 @@ def run(args) -> dict | None:
         raise FIDError("--ckpt-ema needs --ckpt STEP (the checkpoint whose tracked EMA to use)")
     model, config, what = load_run_model(args.run_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
                                          step=args.step, device=device, ckpt_ema=args.ckpt_ema)
+    config = with_vae(config, args.run_dir, args.vae)
     apply_fast_paths(model)
     guide, guide_what = load_guide(args.guide, args, args.run_dir, config, device) if args.guide else (None, "")
     extractor = reference = None
