@@ -15,7 +15,7 @@ Each set of images goes through the FID Inception (eval/inception.py) once; that
 the classifier, the logits (Inception Score of the samples). A metric whose inputs are missing is printed as
 "n/a" with the reason. The table ends with ADM's five lines (``Inception Score: …``, ``FID: …``, ``sFID: …``,
 ``Precision: …``, ``Recall: …``); ``--json`` writes the same numbers. Bad inputs are one ``error:`` line (exit 2),
-found before any Inception work.
+found before any Inception work. ``--fd-dinov2`` adds EDM2's FD-DINOv2 (eval/dinov2.py) as a last line.
 """
 from __future__ import annotations
 
@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="matrix square root of the Fréchet distance (sqrtm as ADM; eigh is equivalent and faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fd-dinov2", action="store_true",
+                   help="also FD-DINOv2, EDM2's second metric (DINOv2 ViT-L/14 features; both sets as images)")
+    p.add_argument("--dinov2-weights", default=None, metavar="PATH",
+                   help="DINOv2 ViT-L/14 as TorchScript or a state dict (default: the torch hub cache; never "
+                        "downloaded)")
     return p
 
 
@@ -275,6 +280,13 @@ def main(argv=None) -> int:
         extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
         dims = feature_dims(extractor)
         check_set(reference, dims)
+        dinov2 = None
+        if args.fd_dinov2:  # the network and the reference's images checked before any work
+            from eval.dinov2 import load_dinov2
+            if reference.images is None:
+                raise FIDError(f"--fd-dinov2 needs the reference's images; {args.reference} holds Inception "
+                               f"statistics only")
+            dinov2 = load_dinov2(args.dinov2_weights, device)
         progress = not args.no_progress
         for s in (samples, reference):
             featurize(s, extractor, args.batch_size, device, progress)
@@ -282,7 +294,14 @@ def main(argv=None) -> int:
             save_reference(reference, args.save_ref)
             print(f"saved the reference's statistics and features to {args.save_ref}")
         result = evaluate(samples, reference, method=args.method, device=device)
+        if dinov2 is not None:
+            from eval.dinov2 import dinov2_features, fd_dinov2
+            features = [dinov2_features(s.images, dinov2, device=device, progress=progress)
+                        for s in (samples, reference)]
+            result["fd_dinov2"] = fd_dinov2(*features, method=args.method)
         print(format_table(result, samples, reference), flush=True)
+        if dinov2 is not None:
+            print(f"FD-DINOv2: {result['fd_dinov2']:.6g}")
         if args.json:
             write_json(args.json, result)
     except (FIDError, InceptionWeightsError, OSError, ValueError) as e:
