@@ -307,6 +307,10 @@ def train(argv=None) -> str:
         if args.resume:
             run = runs.Run.reopen(args.resume, state.step, rank, lock)
             run.log(f"resuming {run.path} from step {state.step} ({path})")
+            if state.step >= args.num_steps:
+                run.log(f"the run is already at step {state.step} of --num-steps {args.num_steps}: nothing to "
+                        f"train; to go on, give the new end: --resume {run.path} --num-steps "
+                        f"{max(2 * args.num_steps, state.step + 1)}")
         else:
             run = runs.Run.create(args.results_dir, args.model, rank, world_size, lock)
             run.write_config(runs.record_vae(runs.new_config(args, mp, dataset, world_size,

@@ -470,6 +470,15 @@ def test_compile_mode_without_compile(existing, capsys):
     assert tree_listing(existing["results"]) == before
 
 
+def test_resuming_a_run_that_reached_its_steps_says_there_is_nothing_to_train(existing, tmp_path, capsys):
+    run = shutil.copytree(existing["run"], tmp_path / "run")
+    assert train.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"the run is already at step 3 of --num-steps 3: nothing to train; to go on, give the new end: " \
+           f"--resume {run} --num-steps 6" in out
+    assert [ln for ln in out.splitlines() if " step " in ln and "/3 " in ln] == []  # no step was taken
+
+
 def test_resume_a_run_made_before_an_option_existed(existing, tmp_path):
     """A run folder whose config.json predates --compile-mode resumes with that option's default."""
     old = tmp_path / "old-run"
