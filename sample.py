@@ -162,6 +162,11 @@ def load_guide(spec: str, args, run_dir: str, config: dict, device):
             if guide_config.get(key) != config.get(key):
                 raise RunError(f"--guide {spec}: its {what} is {guide_config.get(key)}, this run's is "
                                f"{config.get(key)}; a guide must model the same images and classes")
+        theirs, ours = (c.get("data", {}).get("name") for c in (guide_config, config))
+        if theirs != ours:  # (the same shapes, so it can run; but it guides towards another distribution)
+            print(f"warning: --guide {spec} was trained on {theirs}, this run on {ours}; autoguidance wants a "
+                  f"weaker model of the same data (Karras et al. 2024), else it steers towards the other set",
+                  file=sys.stderr)
     else:
         raise RunError(f"--guide {spec}: not a run folder, nor one of {', '.join(GUIDE_FORMS[:3])}")
     guide, _, what = load_run_model(guide_dir, device=device, **weights)
@@ -289,7 +294,7 @@ def main(argv=None) -> int:
         tag += f"-cfg{args.cfg_scale:g}" + sampling_tag(args) + precision_tag(args.precision)
         output = args.output or os.path.join(args.run_dir, "samples", f"{tag}.png")
         save_png(image_grid(images, rows=len(classes)), output)
-        print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} samples each)")
+        print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} sample{'s' if args.num_samples != 1 else ''} each)")
     except (RunError, data.DatasetError, ValueError, OSError) as e:  # OSError: missing files, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -197,6 +197,18 @@ def evaluate(samples: EvalSet, reference: EvalSet, *, method: str | None = None,
     return result
 
 
+SMALL_FID = 10_000  # fewer samples than FID-10K: the bias is worth a word
+
+
+def small_sample_warning(num_samples: int | None) -> str | None:
+    """The warning for an FID of few samples: its estimate is biased upward, by roughly c/N (Chong & Forsyth
+    2020), so FIDs of different sample counts do not compare, and tens of images give large numbers."""
+    if num_samples is None or num_samples >= SMALL_FID:
+        return None
+    return (f"warning: the FID of {num_samples:,} samples is biased upward (the bias falls as 1/N), so it "
+            f"compares only with FIDs of as many samples; papers report 10,000 or 50,000")
+
+
 def format_table(result: dict, samples: EvalSet, reference: EvalSet) -> str:
     width = max(len(samples.name), len(reference.name))
     lines = [f"samples:   {samples.name:<{width}}  {samples.describe()}",
@@ -300,6 +312,8 @@ def main(argv=None) -> int:
                         for s in (samples, reference)]
             result["fd_dinov2"] = fd_dinov2(*features, method=args.method)
         print(format_table(result, samples, reference), flush=True)
+        if small_sample_warning(samples.num_images):
+            print(small_sample_warning(samples.num_images), file=sys.stderr)
         if dinov2 is not None:
             print(f"FD-DINOv2: {result['fd_dinov2']:.6g}")
         if args.json:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import data
 from atomic import atomic_path
 from eval.evaluate import (METRICS, check_set, evaluate, feature_dims, featurize, format_table, images_set,
-                           read_set)
+                           read_set, small_sample_warning)
 from eval.fid import FIDError
 from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
 from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, reference_images,
@@ -186,6 +186,8 @@ def run(args) -> dict | None:
             os.makedirs(fid_dir, exist_ok=True)  # --out may have put the samples elsewhere
             append_jsonl(os.path.join(fid_dir, "fid.jsonl"), record)
             print(format_table(result, samples, reference))
+            if small_sample_warning(args.num_samples):
+                print(small_sample_warning(args.num_samples), file=sys.stderr)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
