@@ -264,7 +264,7 @@ def fid_of(args, job: Job, run: str) -> float:
                                 and r.get("seed") == job.fid_seed and r.get("reference") == args.ref)
     done = [r for r in read_jsonl(os.path.join(run, "fid", "fid.jsonl")) if record_matches(r)]
     if not done:
-        fid_args = ["--result-dir", run, "--num-samples", str(args.fid_samples), "--num-sampling-steps",
+        fid_args = ["--run-dir", run, "--num-samples", str(args.fid_samples), "--num-sampling-steps",
                     str(args.fid_steps), "--sampler", args.sampler, "--cfg-scale", str(args.cfg_scale),
                     "--seed", str(job.fid_seed), "--ref", args.ref]
         call(args, job, "eval/sample_fid.py", fid_args)
@@ -416,7 +416,8 @@ def write_report(args, rows: list[dict], pairs: list[dict], results: list[dict])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import Parser
+    p = Parser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named protocol (its values are the defaults; other flags still override them)")
     p.add_argument("--out-dir", default="ablation")

@@ -337,7 +337,8 @@ def device_name(device) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import Parser
+    p = Parser(description=__doc__)
     p.add_argument("--preset", choices=["cpu", "gpu"], help="a ready-made set (explicit options override it)")
     p.add_argument("--models", nargs="+", help="NAME:SIZE[:CHANNELS], e.g. DiT-XS/2:16 DiT-B/2:32")
     p.add_argument("--switches", nargs="+", help="none, all, each, or switch names (joined by +)")

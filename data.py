@@ -238,6 +238,7 @@ class _Base(Dataset):
     num_classes: int
     stats: dict[str, list[float]]
     vae: str | None = None
+    in_memory: bool = False  # items read from memory (no file decoding a loader process could overlap)
     labels: torch.Tensor
     class_names: list[str] | None = None
     random_flip: bool = False
@@ -309,6 +310,7 @@ class TensorImageDataset(_Base):
     """In-memory pixel set (the built-ins): data pre-normalised, ``__getitem__`` is an index."""
 
     kind = "pixel"
+    in_memory = True  # (train.py's --num-workers defaults to 0: loader processes would only add overhead)
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, *, name: str, data_path: str | None,
                  num_classes: int | None, class_names: list[str] | None = None, random_flip: bool = False):
@@ -336,6 +338,7 @@ class LatentDataset(_Base):
     """
 
     kind = "latent"
+    in_memory = True  # the posteriors are loaded whole; an item is a sample from them
 
     def __init__(self, path: str, num_classes: int | None = None, random_flip: bool = False):
         path = os.path.abspath(os.path.expanduser(path))
@@ -795,6 +798,11 @@ def open_image_source(spec: str, *, split: str = "train", image_column: str = "i
 # --------------------------------------------------------------------------------------------------------
 
 
+# diffusers' default (a low-memory load) needs `accelerate`, not a dependency here; without it diffusers loads
+# the ordinary way after a five-line notice at every load. Asking for the ordinary way is the same, silently.
+QUIET_LOAD = {"low_cpu_mem_usage": False}
+
+
 def load_vae(vae_name_or_path: str, device: str | torch.device = "cpu"):
     """``diffusers.AutoencoderKL`` from a local folder (``save_pretrained``) or a hub name, in eval mode.
 
@@ -811,14 +819,14 @@ def load_vae(vae_name_or_path: str, device: str | torch.device = "cpu"):
     try:
         if looks_local:
             if not os.path.isdir(local):
-                raise DatasetError(f"VAE folder not found: {name}; pass a folder written by "
+                raise DatasetError(f"VAE folder not found: {name}; pass (--vae) a folder written by "
                                    f"AutoencoderKL.save_pretrained or a hub name such as {DEFAULT_VAE}")
-            vae = AutoencoderKL.from_pretrained(local)
+            vae = AutoencoderKL.from_pretrained(local, **QUIET_LOAD)
         else:
             try:
-                vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
+                vae = AutoencoderKL.from_pretrained(name, local_files_only=True, **QUIET_LOAD)
             except Exception:  # noqa: BLE001 - not cached: try the hub (fails fast offline)
-                vae = AutoencoderKL.from_pretrained(name)
+                vae = AutoencoderKL.from_pretrained(name, **QUIET_LOAD)
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -12,13 +12,13 @@ Library
 
 Command line
 ------------
-    python ema.py --result-dir RUN --ema-std 0.03 0.05 0.08 [--step S] [--out DIR]
+    python ema.py --run-dir RUN --ema-std 0.03 0.05 0.08 [--step S] [--out DIR]
 
 reads the snapshots in ``RUN/ema/`` and writes ``DIR/posthoc-<std>-<step>.pt`` (default
 ``DIR = RUN/posthoc``), each holding ``{"std": float, "step": int, "state": {name: fp32 tensor}}``.
 
-    python ema.py --result-dir RUN --ema-std 0.05 [--step S] --export model.safetensors   (or model.pt)
-    python ema.py --result-dir RUN --ckpt STEP|PATH [--ckpt-ema --ema-std 0.05] --export model.pt
+    python ema.py --run-dir RUN --ema-std 0.05 [--step S] --export model.safetensors   (or model.pt)
+    python ema.py --run-dir RUN --ckpt STEP|PATH [--ckpt-ema --ema-std 0.05] --export model.pt
 
 writes one set of weights (a post-hoc EMA; or a checkpoint's raw weights or tracked EMA) as a plain
 state dict for another codebase: the keys of ``build_model(...).state_dict()``, fp32, loadable with
@@ -497,15 +497,11 @@ def export_weights(run_dir: str, path: str, *, ema_std: Optional[float] = 0.05, 
     return what
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, no usage dump
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = _Parser(description="Post-hoc EMA reconstruction from the snapshots in RUN/ema/.")
-    p.add_argument("--result-dir", required=True, help="run folder (snapshots are read from RUN/ema/)")
+    from cli import Parser
+    p = Parser(description="Post-hoc EMA reconstruction from the snapshots in RUN/ema/.")
+    p.add_argument("--run-dir", metavar="RUN", default=None, help="run folder (snapshots are read from RUN/ema/)")
+    p.add_argument("--result-dir", dest="run_dir", help=argparse.SUPPRESS)  # (the earlier name, still taken)
     p.add_argument("--ema-std", type=float, nargs="+", default=None, help="target sigma_rel value(s)")
     p.add_argument("--step", type=int, default=None, help="target step (default: last snapshot step)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/posthoc/)")
@@ -518,6 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--ckpt-ema", action="store_true", help="with --ckpt: its tracked EMA of --ema-std instead")
     args = p.parse_args(argv)
     try:
+        if args.run_dir is None:
+            raise ValueError("--run-dir RUN is required: the run folder train.py wrote")
         if args.export is not None:
             return _export(args)
         if args.ckpt is not None or args.ckpt_ema:
@@ -526,12 +524,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--ema-std is required: the sigma_rel value(s) to rebuild, e.g. --ema-std 0.05")
         for s in args.ema_std:
             std_to_gamma(s)
-        if not os.path.isdir(args.result_dir):
-            raise FileNotFoundError(f"run folder not found: {args.result_dir}")
-        snap_dir = os.path.join(args.result_dir, "ema")
+        if not os.path.isdir(args.run_dir):
+            raise FileNotFoundError(f"run folder not found: {args.run_dir}")
+        snap_dir = os.path.join(args.run_dir, "ema")
         if not os.path.isdir(snap_dir):
             raise FileNotFoundError(f"no EMA snapshot folder in the run: {snap_dir}")
-        out_dir = args.out if args.out is not None else os.path.join(args.result_dir, "posthoc")
+        out_dir = args.out if args.out is not None else os.path.join(args.run_dir, "posthoc")
         results = reconstruct_emas(snap_dir, args.ema_std, step=args.step)
         for state, info in results:
             path = os.path.join(out_dir, posthoc_filename(info["std"], info["step"]))
@@ -570,7 +568,7 @@ def _export(args) -> int:
     std = stds[0] if stds else None
     if std is not None:
         std_to_gamma(std)
-    what = export_weights(args.result_dir, args.export, ema_std=std, step=args.step, ckpt=args.ckpt,
+    what = export_weights(args.run_dir, args.export, ema_std=std, step=args.step, ckpt=args.ckpt,
                           ckpt_ema=args.ckpt_ema)
     print(f"wrote {args.export} ({what}) and {export_config_path(args.export)} (the model to rebuild)")
     return 0

@@ -4,7 +4,8 @@ experiment trackers (`--tensorboard`, `--wandb`) that receive every record the r
 The trackers are fed from the jsonl records themselves (runs.Run.append hands each one over), so a curve in
 TensorBoard or W&B is the jsonl log by construction:
 
-    metrics.jsonl              -> train/loss, train/lr (plain group), train/mp_lr (MP group), train/img_per_s, ...
+    metrics.jsonl              -> train/loss, train/lr (plain parameters), train/mp_lr (MP ones; each only
+                                  where the model has such parameters), train/img_per_s, ...
     magnitudes.jsonl           -> magnitudes/act_rms/blockNN, magnitudes/weight_rms/blockNN
     fid_during_training.jsonl  -> fid_during_training/fid, .../cost_fraction, .../samples (a grid)
 
@@ -69,6 +70,12 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{s:02d}s"
     return f"{s}s"
+
+
+def format_rates(record: dict) -> str:
+    """The learning rates in `record` as the step lines and the plot titles show them: "lr 1.00e-04  mp_lr
+    1.00e-02", or one of them where the model has only that kind of parameter."""
+    return "  ".join(f"{k} {float(record[k]):.2e}" for k in ("lr", "mp_lr") if k in record)
 
 
 class RateWindow:

@@ -1,6 +1,7 @@
 """Pictures of a run: the loss curve and the magnitudes of activations and weights over training.
 
-python plots.py RUN_A [RUN_B ...] [--out magnitudes.png]    # magnitudes of runs side by side
+python plots.py RUN                                         # RUN/magnitudes.png (again)
+python plots.py RUN_A RUN_B ... [--out magnitudes.png]      # magnitudes of runs side by side
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
+from logs import format_rates  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 from runs import read_jsonl  # noqa: E402
 
@@ -34,9 +36,20 @@ def run_label(run_dir: str) -> str:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
         mp = MPConfig.from_dict(config["mp"]).describe()
-        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}, lr {config['args']['lr']:g}"
+        return f"{os.path.basename(os.path.normpath(run_dir))}: {mp}, {run_rates(config)}"
     except (OSError, KeyError, ValueError):
         return os.path.basename(os.path.normpath(run_dir))
+
+
+def run_rates(config: dict) -> str:
+    """The learning rates the run's parameters train at, as its step lines show them: config.json's
+    "learning_rates" (only the kinds of parameters the model has); a run written before it existed
+    shows both of its options' rates."""
+    rates = config.get("learning_rates")
+    if not isinstance(rates, dict):
+        args = config["args"]
+        rates = {"lr": args["lr"], "mp_lr": args.get("mp_lr") or args["lr"]}
+    return format_rates(rates)
 
 
 def plot_loss(run_dir: str, out: str | None = None) -> str | None:
@@ -82,12 +95,15 @@ def plot_magnitudes(run_dirs: list[str], out: str) -> str:
         for key, row, ylabel in (("act_rms", 0, "activation RMS leaving block"),
                                  ("weight_rms", 1, "weight RMS of block / at first record")):
             ax = axes[row, col]
+            curves = []
             for b in range(depth):
                 first = (records[0][key][b] or 1.0) if row == 1 else 1.0  # (a block without weights: RMS 0)
-                ax.plot(steps, [r[key][b] / first for r in records], color=colors[b], lw=1.2, label=f"block {b + 1}")
+                curves.append([r[key][b] / first for r in records])
+                ax.plot(steps, curves[-1], color=colors[b], lw=1.2, label=f"block {b + 1}")
             ax.set_ylabel(ylabel)
             ax.set_yscale("log" if row == 0 else "linear")
             ax.grid(alpha=0.3)
+            mark_if_constant(ax, curves)
         axes[0, col].set_title(run_label(run_dir), fontsize=9)
         axes[1, col].set_xlabel("step")
     axes[0, -1].legend(fontsize=7, loc="best")
@@ -99,6 +115,25 @@ def plot_magnitudes(run_dirs: list[str], out: str) -> str:
             a.set_ylim(lo, hi)
     save_figure(fig, out)
     return out
+
+
+ROUND_OFF = 1e-6  # relative changes below this are float round-off, not a signal
+
+
+def mark_if_constant(ax, curves: list[list[float]]) -> bool:
+    """Where every curve stays within ROUND_OFF (relative) of its first value, as the weights of forced weight
+    normalisation do, the axis is widened to ±10 % so the lines are flat, and says so; otherwise matplotlib
+    would zoom into the round-off (an axis of 1e-8 + 1) and draw it as if it were a signal."""
+    values = [v for c in curves for v in c]
+    change = max((abs(v - c[0]) / abs(c[0]) for c in curves for v in c if c[0]), default=0.0)
+    if not values or change > ROUND_OFF:
+        return False
+    centre = sum(values) / len(values)
+    ax.set_ylim(centre * 0.9, centre * 1.1) if centre > 0 else ax.set_ylim(-1, 1)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain") if ax.get_yscale() == "linear" else None
+    ax.text(0.5, 0.5, f"constant to round-off (largest relative change {change:.1e})", transform=ax.transAxes,
+            ha="center", va="center", fontsize=8, color="0.3")
+    return True
 
 
 def plot_loss_curves(metrics_files: list[str], labels: list[str | None], out: str, title: str | None = None) -> str:
@@ -173,23 +208,26 @@ def plot_fid_bands(groups: list[tuple[str, list[list[tuple[int, float]]]]], out:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import Parser
+    p = Parser(description=__doc__)
     p.add_argument("runs", nargs="*", help="run folders written by train.py")
-    p.add_argument("--out", default="magnitudes.png")
+    p.add_argument("--out", default=None,
+                   help="the picture (default: RUN/magnitudes.png for one run, ./magnitudes.png for several)")
     p.add_argument("--loss-curves", nargs="+", metavar="METRICS_JSONL",
                    help="instead: plot the loss of these metrics.jsonl files together (label = file name)")
     args = p.parse_args(argv)
     try:
         if args.loss_curves:
             labels = [os.path.splitext(os.path.basename(f))[0] for f in args.loss_curves]
-            print(f"wrote {plot_loss_curves(args.loss_curves, labels, args.out)}")
+            print(f"wrote {plot_loss_curves(args.loss_curves, labels, args.out or 'loss_curves.png')}")
             return 0
         if not args.runs:
             raise FileNotFoundError("give run folders, or --loss-curves files")
         for run in args.runs:
             if not os.path.isdir(run):
                 raise FileNotFoundError(f"run folder not found: {run}")
-        print(f"wrote {plot_magnitudes(args.runs, args.out)}")
+        out = args.out or (os.path.join(args.runs[0], "magnitudes.png") if len(args.runs) == 1 else "magnitudes.png")
+        print(f"wrote {plot_magnitudes(args.runs, out)}")
     except (ValueError, OSError) as e:  # OSError: missing files, an unwritable --out, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2

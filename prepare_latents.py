@@ -73,7 +73,8 @@ def _device(name: str) -> torch.device:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Encode images into MaP-DiT / map-dit latent files.")
+    from cli import Parser
+    p = Parser(description="Encode images into MaP-DiT / map-dit latent files.")
     p.add_argument("--data-path", required=True,
                    help="ImageFolder root (ROOT/<class>/<images>) or Hugging Face dataset (save_to_disk folder, hub "
                         "name such as benjamin-paine/imagenet-1k-128x128, or hf:NAME)")

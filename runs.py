@@ -24,7 +24,7 @@ import torch.distributed as dist
 from atomic import (TEMP_RE, DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file, sync_files,
                     temp_prefix)
 from ema import reconstruct_ema
-from logs import RateWindow, Trackers
+from logs import RateWindow, Trackers, format_rates
 from models import DiT, build_model
 from mp_layers import MPConfig
 
@@ -209,11 +209,45 @@ def create_run_dir(results_dir: str, model_name: str) -> str:
             index += 1
 
 
-def new_config(args, mp: MPConfig, dataset, world_size: int) -> dict:
-    """config.json of a new run: its options, and what rebuilds its model and its data normalisation."""
-    return {"args": vars(args), "model": args.model, "mp": mp.to_dict(), "data": dataset.describe(),
+def new_config(args, mp: MPConfig, dataset, world_size: int, learning_rates: dict | None = None) -> dict:
+    """config.json of a new run: its options, the base learning rates its parameters train at ("lr" plain,
+    "mp_lr" MP, each only where the model has such parameters), and what rebuilds its model and its data
+    normalisation."""
+    rates = {"learning_rates": learning_rates} if learning_rates is not None else {}
+    return {"args": vars(args), "model": args.model, "mp": mp.to_dict(), **rates, "data": dataset.describe(),
             "num_classes": dataset.num_classes, "in_channels": dataset.channels, "input_size": dataset.resolution,
             "world_size": world_size, "torch": torch.__version__}
+
+
+def record_vae(config: dict, run_dir: str) -> dict:
+    """config.json's data record with the VAE's place for a run folder that moves: a hub name stays a name;
+    a local folder (recorded absolute) is also recorded relative to the run ("vae_from_run", e.g. ../vae)
+    when it lies inside the run's results folder, so that it is found after the results folder moves."""
+    vae = config.get("data", {}).get("vae")
+    if vae and os.path.isdir(vae):
+        parent = os.path.dirname(os.path.abspath(run_dir))
+        if os.path.abspath(vae).startswith(parent + os.sep):
+            config["data"]["vae_from_run"] = os.path.relpath(os.path.abspath(vae), os.path.abspath(run_dir))
+    return config
+
+
+def run_vae(config: dict, run_dir: str, given: str | None = None) -> str | None:
+    """The VAE that decodes the run's latents: `given` (a tool's --vae) first, then the recorded folder
+    relative to the run (wherever the results folder now lies), then the recorded hub name or path."""
+    if given:
+        return os.path.abspath(os.path.expanduser(given)) if os.path.isdir(os.path.expanduser(given)) else given
+    data = config.get("data", {})
+    relative = data.get("vae_from_run")
+    if relative and os.path.isdir(os.path.join(run_dir, relative)):
+        return os.path.normpath(os.path.join(os.path.abspath(run_dir), relative))
+    return data.get("vae")
+
+
+def with_vae(config: dict, run_dir: str, given: str | None = None) -> dict:
+    """`config` whose data record names the VAE `run_vae` picks (a copy; config.json is not changed)."""
+    if config.get("data", {}).get("kind") != "latent":
+        return config
+    return {**config, "data": {**config["data"], "vae": run_vae(config, run_dir, given)}}
 
 
 def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
@@ -335,7 +369,7 @@ class Run:
         rate of the last few log intervals of this process (so a resumed run's is its own)."""
         steps, self.logged_step = record["step"] - self.logged_step, record["step"]
         self.rate.add(steps, steps / record["steps_per_s"] if record["steps_per_s"] > 0 else 0.0)
-        self.log(f"step {record['step']:7d}/{num_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        self.log(f"step {record['step']:7d}/{num_steps}  loss {record['loss']:.4f}  {format_rates(record)}  "
                  f"{record['steps_per_s']:.2f} steps/s  {record['img_per_s']:.0f} img/s  "
                  f"peak {record['peak_mem_gib']:.2f} GiB  eta {self.rate.eta(num_steps - record['step'])}")
         self.append("metrics.jsonl", record)

@@ -1,9 +1,9 @@
 """Sample images of chosen classes from a trained run and save them as a PNG grid (one row per class).
 
-python sample.py --result-dir results/000-DiT-XS-2 --class-label 0 3 7 --num-samples 8
-python sample.py --result-dir RUN --ckpt 50000 --sampler ddim --num-sampling-steps 50
-python sample.py --result-dir RUN --sampler dpm-solver++ --num-sampling-steps 25 --guidance-interval 0.3 5
-python sample.py --result-dir RUN --guide ema:0.02 --cfg-scale 2       # autoguidance by a shorter EMA
+python sample.py --run-dir results/000-DiT-XS-2 --class-label 0 3 7 --num-samples 8
+python sample.py --run-dir RUN --ckpt 50000 --sampler ddim --num-sampling-steps 50
+python sample.py --run-dir RUN --sampler dpm-solver++ --num-sampling-steps 25 --guidance-interval 0.3 5
+python sample.py --run-dir RUN --guide ema:0.02 --cfg-scale 2       # autoguidance by a shorter EMA
 
 The model is rebuilt from the run's config.json; its weights are the post-hoc EMA for --ema-std
 (reconstructed from the run's snapshots), or the raw weights of checkpoint --ckpt. Pixel runs are
@@ -28,28 +28,36 @@ from atomic import atomic_path
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS, check_guidance_interval
 from fast_paths import apply_fast_paths, frozen_weights
-from runs import RunError, find_checkpoint, load_run_config, load_run_model
+from runs import RunError, find_checkpoint, load_run_config, load_run_model, with_vae
+from cli import Parser
 from training import configure_precision, parse_device
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one "error: ..." line (exit status 2), like every other bad input."""
-
-    def error(self, message):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--result-dir", required=True, help="run folder written by train.py")
+    p = Parser(description=__doc__)
+    p.add_argument("--run-dir", metavar="RUN", default=None,
+                   help="run folder written by train.py (may be left out when --ckpt is a file of its checkpoints/)")
+    p.add_argument("--result-dir", dest="run_dir", help=argparse.SUPPRESS)  # (the earlier name, still taken)
     p.add_argument("--class-label", type=int, nargs="+", default=None, help="class(es) to sample (default: all)")
     p.add_argument("--num-samples", type=int, default=8, help="images per class")
     add_sampling_arguments(p, cfg_scale=4.0, seed=0)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--output", default=None, help="PNG path (default RUN/samples/<weights>-cfg<scale>.png)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def resolve_run_dir(args) -> str:
+    """--run-dir, or the run a --ckpt file lies in (RUN/checkpoints/NNNNNNN.pt): sets and returns args.run_dir."""
+    if args.run_dir is None and args.ckpt is not None and os.path.isfile(args.ckpt):
+        run = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+        if os.path.isfile(os.path.join(run, "config.json")):
+            args.run_dir = run
+    if args.run_dir is None:
+        raise RunError("--run-dir RUN is required: the run folder train.py wrote (or --ckpt RUN/checkpoints/"
+                       "NNNNNNN.pt, which names it)")
+    return args.run_dir
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, cfg_scale: float, seed: int) -> None:
@@ -83,6 +91,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, cfg_scale: float, seed
                         "(same as fp32 on a CPU except bf16); the sampler's own arithmetic stays in fp32 or wider")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (pays off over many sampling steps on a GPU)")
+    p.add_argument("--vae", default=None, metavar="NAME_OR_PATH",
+                   help="the VAE that decodes a latent run's samples, where it is now (default: the run's "
+                        "recorded one; a VAE folder in the results folder is found after the results folder moved)")
 
 
 MAX_SEED = 2**32 - 1  # each batch seeds its generator with seed·1,000,003 + its position: must fit 64 bits
@@ -151,6 +162,11 @@ def load_guide(spec: str, args, run_dir: str, config: dict, device):
             if guide_config.get(key) != config.get(key):
                 raise RunError(f"--guide {spec}: its {what} is {guide_config.get(key)}, this run's is "
                                f"{config.get(key)}; a guide must model the same images and classes")
+        theirs, ours = (c.get("data", {}).get("name") for c in (guide_config, config))
+        if theirs != ours:  # (the same shapes, so it can run; but it guides towards another distribution)
+            print(f"warning: --guide {spec} was trained on {theirs}, this run on {ours}; autoguidance wants a "
+                  f"weaker model of the same data (Karras et al. 2024), else it steers towards the other set",
+                  file=sys.stderr)
     else:
         raise RunError(f"--guide {spec}: not a run folder, nor one of {', '.join(GUIDE_FORMS[:3])}")
     guide, _, what = load_run_model(guide_dir, device=device, **weights)
@@ -252,13 +268,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_sampling_args(args)
+        resolve_run_dir(args)
         if args.num_samples < 1:
             raise RunError(f"--num-samples must be at least 1, got {args.num_samples}")
         device = resolve_device(args.device)
-        model, config, what = load_run_model(args.result_dir, ema_std=None if args.ckpt is not None else args.ema_std,
+        model, config, what = load_run_model(args.run_dir, ema_std=None if args.ckpt is not None else args.ema_std,
                                              ckpt_step=args.ckpt, step=args.step, device=device)
+        config = with_vae(config, args.run_dir, args.vae)
         apply_fast_paths(model)
-        guide, guide_what = load_guide(args.guide, args, args.result_dir, config, device) if args.guide else (None, "")
+        guide, guide_what = load_guide(args.guide, args, args.run_dir, config, device) if args.guide else (None, "")
         num_classes = config["num_classes"]
         classes = args.class_label if args.class_label is not None else list(range(num_classes))
         bad = [c for c in classes if not 0 <= c < num_classes]
@@ -271,12 +289,12 @@ def main(argv=None) -> int:
         images = generate(model, config, labels, cfg_scale=args.cfg_scale, num_steps=args.num_sampling_steps,
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=device,
                           precision=args.precision, compile=args.compile, eta=args.ddim_eta, guide=guide,
-                          guidance_interval=args.guidance_interval)
-        tag = f"ckpt{find_checkpoint(args.result_dir, args.ckpt)[0]:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
+                          guidance_interval=args.guidance_interval, progress=not args.no_progress)
+        tag = f"ckpt{find_checkpoint(args.run_dir, args.ckpt)[0]:07d}" if args.ckpt is not None else f"ema{args.ema_std:g}"
         tag += f"-cfg{args.cfg_scale:g}" + sampling_tag(args) + precision_tag(args.precision)
-        output = args.output or os.path.join(args.result_dir, "samples", f"{tag}.png")
+        output = args.output or os.path.join(args.run_dir, "samples", f"{tag}.png")
         save_png(image_grid(images, rows=len(classes)), output)
-        print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} samples each)")
+        print(f"wrote {output} ({len(classes)} rows = classes {classes}, {args.num_samples} sample{'s' if args.num_samples != 1 else ''} each)")
     except (RunError, data.DatasetError, ValueError, OSError) as e:  # OSError: missing files, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2

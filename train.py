@@ -25,6 +25,7 @@ import hf_data
 import logs
 import runs
 import training
+from cli import Parser
 from diffusion import create_diffusion
 from eval import during_training
 from models import MODEL_NAMES
@@ -33,14 +34,14 @@ from runs import RunError, list_checkpoints, load_run_config
 from training import COMPILE_MODES, TrainingError
 
 # Options that define what a run is; on --resume they come from the run and may not be changed.
-RUN_DEFINING = ["model", "data_path", "image_size", "vae", "random_flip", "split", "image_column", "label_column",
+RUN_DEFINING = ["model", "data_path", "image_size", "random_flip", "split", "image_column", "label_column",
                 "num_classes", "batch_size", "lr", "mp_lr", "seed",
                 "num_lin_warmup", "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.option_names(),
                 "use_all_mp"]
 MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
-RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
+RESUMABLE = ["vae", "num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
              *during_training.RESUMABLE, *logs.RESUMABLE]
 
@@ -66,8 +67,7 @@ class Interrupted(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, epilog=EXIT_CODES)
     p.add_argument("--data-path", default="digits",
                    help="latent folder, ImageFolder, Hugging Face dataset (a save_to_disk folder, a hub name such as "
                         "benjamin-paine/imagenet-1k-128x128, or hf:NAME), or a built-in set: digits (default), mnist")
@@ -76,12 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, metavar="NAME_OR_PATH",
                    help="train images in the latent space of this diffusers AutoencoderKL (hub name such as "
                         "stabilityai/sd-vae-ft-mse, or a local folder), encoding each batch as it is read; "
-                        "default: images train in pixel space")
+                        "default: images train in pixel space. With --resume: where the run's VAE is now (the "
+                        "same VAE; the run's own record is used otherwise)")
     p.add_argument("--random-flip", action="store_true",
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
     hf_data.add_arguments(p)
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", default="results", help="parent folder of the run folders (RESULTS/NNN-MODEL)")
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
                    help="one of " + ", ".join(MODEL_NAMES))
     p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
@@ -97,14 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the weight-normalised and force-normalised weights, their gains and "
                         "the MP tables (default 1e-2, as the paper's later code and EDM2; 1e-4 barely moves them)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader processes (default: 0 for a set held in memory: digits, MNIST, a latent "
+                        "folder; else min(4, CPU cores))")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=50_000)
     p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                    help="keep only the newest N checkpoints (default 0: keep all); EMA snapshots are always kept")
     p.add_argument("--num-lin-warmup", type=int, default=None, help="linear warm-up steps (default steps//150)")
     p.add_argument("--start-decay", type=int, default=None, help="start of 1/sqrt decay (default steps//10)")
-    p.add_argument("--ema-snapshot-every", type=int, default=None, help="default steps//250")
+    p.add_argument("--ema-snapshot-every", type=int, default=None,
+                   help="default: about one snapshot per 1,000 steps, at least 10 and at most 250 a run "
+                        "(post-hoc EMA needs only a few dozen; the log states the bytes to write)")
     p.add_argument("--ema-stds", type=float, nargs="+", default=[0.05, 0.10], help="tracked EMA σ_rel values")
     p.add_argument("--magnitude-every", type=int, default=None,
                    help="record activation and weight magnitudes per block every N steps and at the last (default: "
@@ -138,8 +143,23 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.start_decay is None:
         args.start_decay = steps // 10
     if args.ema_snapshot_every is None:
-        args.ema_snapshot_every = max(1, steps // 250)
+        args.ema_snapshot_every = default_snapshot_spacing(steps)
     return resolve_learning_rates(args)
+
+
+def default_snapshot_spacing(num_steps: int) -> int:
+    """Steps between EMA snapshots by default: about one per 1,000 steps, but at least 10 and at most 250
+    snapshots a run. Post-hoc reconstruction is accurate from ten or so (tests/test_ema.py), and each
+    snapshot is the model in fp16 per tracked σ_rel, so the old steps//250 made short runs mostly snapshots
+    (20,000 steps of DiT-XS/2: 7.8 GB, now 0.6 GB)."""
+    snapshots = min(250, max(10, num_steps // 1000))
+    return max(1, num_steps // snapshots)
+
+
+def default_num_workers(dataset) -> int:
+    """Loader processes by default: none for a set held in memory (a process would only copy its items),
+    else one per core up to 4 (more than the cores only competes with training)."""
+    return 0 if getattr(dataset, "in_memory", False) else min(4, os.cpu_count() or 1)
 
 
 def resolve_learning_rates(args: argparse.Namespace) -> argparse.Namespace:
@@ -159,7 +179,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:  # (image_size and num_classes may be left to the data)
             raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise TrainingError(f"--num-workers must be >= 0 (0 loads in this process), got {args.num_workers}")
     if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
         raise TrainingError(f"--grad-clip must be a finite number >= 0 (0 = off), got {args.grad_clip}")
@@ -244,6 +264,8 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     for k, v in vars(args).items():  # options added to train.py after the run was created
         if not hasattr(resumed, k):
             setattr(resumed, k, v)
+    if "vae" not in explicit:  # the VAE where it is now: moved with the run folder, or as recorded
+        resumed.vae = runs.run_vae(config, run_dir) if saved.get("vae") else None
     resumed.resume, resumed.resume_checkpoint = run_dir, checkpoint
     resumed.results_dir = os.path.dirname(os.path.abspath(run_dir))
     return resolve_learning_rates(resumed), config
@@ -266,8 +288,10 @@ def train(argv=None) -> str:
                                     vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
                                     image_column=args.image_column, label_column=args.label_column,
                                     recorded=resumed_config["data"] if resumed_config else None)
+        if args.num_workers is None:  # (recorded in config.json as chosen, so a resume keeps it)
+            args.num_workers = default_num_workers(dataset)
         state = training.build_state(args, dataset, mp, device)
-        fid_reference = during_training.resolve_reference(args, dataset, rank, world_size)  # before any training
+        fid_reference, reference_seconds = during_training.resolve_reference(args, dataset, rank, world_size)
         notes = []  # said once the run folder's log exists
         if args.resume:
             path, ckpt, said = runs.checkpoint_to_resume(args.resume, args.resume_checkpoint)
@@ -283,9 +307,15 @@ def train(argv=None) -> str:
         if args.resume:
             run = runs.Run.reopen(args.resume, state.step, rank, lock)
             run.log(f"resuming {run.path} from step {state.step} ({path})")
+            if state.step >= args.num_steps:
+                run.log(f"the run is already at step {state.step} of --num-steps {args.num_steps}: nothing to "
+                        f"train; to go on, give the new end: --resume {run.path} --num-steps "
+                        f"{max(2 * args.num_steps, state.step + 1)}")
         else:
             run = runs.Run.create(args.results_dir, args.model, rank, world_size, lock)
-            run.write_config(runs.new_config(args, mp, dataset, world_size))
+            run.write_config(runs.record_vae(runs.new_config(args, mp, dataset, world_size,
+                                                             training.learning_rates(state.opt, state.model)),
+                                             run.path))
             run.log(f"run folder {run.path}")
         for note in notes:
             run.warn(note)
@@ -294,10 +324,13 @@ def train(argv=None) -> str:
                 f"{world_size} process(es) on {device}, precision {args.precision}, "
                 f"global batch {args.batch_size}, {training.describe_learning_rates(state.opt)}")
         run.log_disk_plan(args, n_params, state.step)
+        if reference_seconds >= 1:
+            run.log(f"FID reference {fid_reference}: {logs.format_duration(reference_seconds)} (counted in the "
+                    f"evaluations' cost_fraction)")
 
         meter = training.LossMeter(state, world_size, device)
         fid = during_training.TrainingFID(args, fid_reference, runs.new_config(args, mp, dataset, world_size), rank,
-                                          world_size, device)
+                                          world_size, device, reference_seconds)
         magnitudes = training.MagnitudeRecorder(args.magnitude_every, state.step, args.num_steps, device, run.log)
         state.model.train()
         with (training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step),

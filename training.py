@@ -79,6 +79,21 @@ def describe_learning_rates(opt: torch.optim.Optimizer) -> str:
     return "lr " + ", ".join(parts)
 
 
+def learning_rates(opt: torch.optim.Optimizer, model: torch.nn.Module, factor: float = 1.0) -> dict[str, float]:
+    """The base rate (times `factor`, the schedule's) of each kind of parameter the model has: "lr" for the
+    plain ones, "mp_lr" for the MP ones (`mp_parameters`), a key only where that kind has parameters. So a
+    run whose parameters are all MP ones (--use-all-mp) reports its MP rate, never the unused plain one."""
+    mp_ids = {id(p) for p in mp_parameters(model)}
+    rates = {}
+    for g in opt.param_groups:
+        kinds = {"mp": ["mp_lr"], "plain": ["lr"]}.get(g["name"]) or (
+            (["lr"] if any(id(p) not in mp_ids for p in g["params"]) else [])
+            + (["mp_lr"] if any(id(p) in mp_ids for p in g["params"]) else []))
+        for key in kinds:
+            rates[key] = g["initial_lr"] * factor
+    return {k: rates[k] for k in ("lr", "mp_lr") if k in rates}
+
+
 def configure_precision(precision: str, device: torch.device):
     """Sets TF32 for fp32 / tf32 / bf16 and returns the context manager a forward runs under."""
     tf32 = precision in ("tf32", "bf16")
@@ -198,6 +213,7 @@ class LossMeter:
         self.sum, self.count = torch.zeros((), device=device), 0
         self.timer, self.timer_step = time.perf_counter(), state.step
         self.checked_step = None
+        self.rates = learning_rates(state.opt, state.model)  # the base rates of the kinds that have parameters
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss
@@ -224,9 +240,9 @@ class LossMeter:
         step = self.state.step
         steps_per_s = (step - self.timer_step) / (time.perf_counter() - self.timer)
         record = {"step": step, "loss": self.sum.item() / (self.count * self.world_size),
-                  # the lr this step used (the scheduler already holds the next step's)
-                  "lr": args.lr * lr_factor(step - 1, args.num_lin_warmup, args.start_decay),
-                  "mp_lr": args.mp_lr * lr_factor(step - 1, args.num_lin_warmup, args.start_decay),
+                  # the rates this step used (the scheduler already holds the next step's): "lr" of the plain
+                  # parameters and "mp_lr" of the MP ones, each only where the model has such parameters
+                  **{k: v * lr_factor(step - 1, args.num_lin_warmup, args.start_decay) for k, v in self.rates.items()},
                   "steps_per_s": steps_per_s, "img_per_s": steps_per_s * args.batch_size,
                   "peak_mem_gib": peak_memory_gib(self.device)}
         self.sum.zero_()

@@ -5,7 +5,7 @@ Convergence speed is where magnitude preservation claims to help, and one FID at
 and scored against the run's reference statistics. The draw is eval/sample_fid.py's: the same labels,
 noise and batching for the same seed, so the number equals what
 
-    python eval/sample_fid.py --result-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
+    python eval/sample_fid.py --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
         --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --ref REF
 
 computes afterwards from the checkpoint of that step (a test holds them equal). Under DDP every rank
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from diffusion.sampling import SAMPLERS
 from eval.fid import FIDError, compute_statistics, fid_from_images
 from eval.inception import load_inception, resolve_device
+from eval.ref_stats import ref_images_argument
 
 LOG_NAME = "fid_during_training.jsonl"
 
@@ -46,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-ref", default="auto",
                    help='reference statistics or images (as eval/sample_fid.py --ref); "auto": the built-in '
                         "dataset's, computed once into RESULTS/refs/")
+    g.add_argument("--eval-ref-images", type=ref_images_argument, default=None, metavar="N|all",
+                   help="with --eval-ref auto: the reference over N evenly spaced images of the dataset (default: "
+                        "all on a GPU, 300 on a CPU, a few minutes; the log announces the count and the time)")
     g.add_argument("--eval-max-fraction", type=float, default=0.25,
                    help="warn when the evaluations have taken more than this fraction of the training time")
     g.add_argument("--inception-weights", default=None, help="TorchScript FID Inception (default: the bundled one)")
@@ -53,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # Options of this module that may change on --resume (they do not change the weights).
 RESUMABLE = ["eval_every", "eval_samples", "eval_sampler", "eval_sampling_steps", "eval_cfg_scale", "eval_ema_std",
-             "eval_seed", "eval_batch_size", "eval_ref", "eval_max_fraction", "inception_weights"]
+             "eval_seed", "eval_batch_size", "eval_ref", "eval_ref_images", "eval_max_fraction", "inception_weights"]
 
 
 def check_arguments(args) -> None:
@@ -77,27 +81,32 @@ def check_arguments(args) -> None:
         raise FIDError("--eval-ref none: FID during training needs a reference; pass one or use auto")
 
 
-def resolve_reference(args, dataset, rank: int, world_size: int) -> str | None:
+def resolve_reference(args, dataset, rank: int, world_size: int) -> tuple[str | None, float]:
     """The reference path (rank 0; None elsewhere), resolved as eval/sample_fid.py does: "auto" computes the
-    built-in dataset's statistics once into RESULTS/refs/, which sample_fid then reuses."""
+    built-in dataset's statistics once into RESULTS/refs/, which sample_fid then reuses; and the seconds it
+    took (part of what the evaluations cost)."""
     from eval.sample_fid import resolve_reference as resolve
-    path = None
+    path, began = None, time.perf_counter()
     if rank == 0 and args.eval_every:
         config = {"data": dataset.describe(), "input_size": dataset.resolution}
-        path = resolve(args.eval_ref, config, os.path.abspath(args.results_dir), args.inception_weights)
+        path = resolve(args.eval_ref, config, os.path.abspath(args.results_dir), args.inception_weights,
+                       ref_images=getattr(args, "eval_ref_images", None), log=lambda line: print(line, flush=True),
+                       flag="--eval-ref")
     if world_size > 1:
         dist.barrier()  # the others wait while rank 0 computes a missing reference
-    return path
+    return path, time.perf_counter() - began
 
 
 class TrainingFID:
     """Evaluates the FID of the state's tracked EMA when `due`; rank 0 writes the records."""
 
-    def __init__(self, args, reference: str | None, config: dict, rank: int, world_size: int, device):
+    def __init__(self, args, reference: str | None, config: dict, rank: int, world_size: int, device,
+                 reference_seconds: float = 0.0):
         self.args, self.reference, self.config = args, reference, config
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.started = time.perf_counter()
-        self.eval_seconds = 0.0
+        # The reference computed for this run counts as evaluation time (it is not training time).
+        self.started = time.perf_counter() - reference_seconds
+        self.eval_seconds = reference_seconds
         self._extractor, self._ref_stats = None, None
 
     def due(self, step: int, last: bool) -> bool:
@@ -126,6 +135,10 @@ class TrainingFID:
             self._ref_stats = compute_statistics(self.reference, self._extractor, progress=False)
         return fid_from_images(images, self._ref_stats, extractor=self._extractor, progress=False)
 
+    def cost_fraction(self) -> float:
+        """The evaluations' time so far (the run's reference included) over the training time."""
+        return self.eval_seconds / max(time.perf_counter() - self.started - self.eval_seconds, 1e-9)
+
     def evaluate(self, state, step: int, run, meter=None) -> dict | None:
         """Samples (every rank its share), scores (rank 0), appends the record and redraws the curve.
         Returns the record on rank 0. The training RNG is left as it was, and the rate `meter` reports
@@ -143,12 +156,11 @@ class TrainingFID:
             fid = self._fid(images)
             seconds = time.perf_counter() - start
             self.eval_seconds += seconds
-            train_seconds = max(time.perf_counter() - self.started - self.eval_seconds, 1e-9)
             a = self.args
             record = {"step": step, "fid": fid, "num_samples": a.eval_samples, "sampler": a.eval_sampler,
                       "num_sampling_steps": a.eval_sampling_steps, "cfg_scale": a.eval_cfg_scale,
                       "ema_std": a.eval_ema_std, "seed": a.eval_seed, "reference": self.reference,
-                      "seconds": seconds, "cost_fraction": self.eval_seconds / train_seconds}
+                      "seconds": seconds, "cost_fraction": self.cost_fraction()}
             run.append(LOG_NAME, record)
             run.images("fid_during_training/samples", images, step)  # (for TensorBoard / W&B, when on)
             run.log(f"FID {fid:.2f} at step {step} ({a.eval_samples} samples, {a.eval_sampler} "

@@ -15,7 +15,7 @@ Each set of images goes through the FID Inception (eval/inception.py) once; that
 the classifier, the logits (Inception Score of the samples). A metric whose inputs are missing is printed as
 "n/a" with the reason. The table ends with ADM's five lines (``Inception Score: …``, ``FID: …``, ``sFID: …``,
 ``Precision: …``, ``Recall: …``); ``--json`` writes the same numbers. Bad inputs are one ``error:`` line (exit 2),
-found before any Inception work.
+found before any Inception work. ``--fd-dinov2`` adds EDM2's FD-DINOv2 (eval/dinov2.py) as a last line.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
+from cli import Parser  # noqa: E402
 from eval.fid import (  # noqa: E402
     FIDError,
     _check_exists,
@@ -196,6 +197,18 @@ def evaluate(samples: EvalSet, reference: EvalSet, *, method: str | None = None,
     return result
 
 
+SMALL_FID = 10_000  # fewer samples than FID-10K: the bias is worth a word
+
+
+def small_sample_warning(num_samples: int | None) -> str | None:
+    """The warning for an FID of few samples: its estimate is biased upward, by roughly c/N (Chong & Forsyth
+    2020), so FIDs of different sample counts do not compare, and tens of images give large numbers."""
+    if num_samples is None or num_samples >= SMALL_FID:
+        return None
+    return (f"warning: the FID of {num_samples:,} samples is biased upward (the bias falls as 1/N), so it "
+            f"compares only with FIDs of as many samples; papers report 10,000 or 50,000")
+
+
 def format_table(result: dict, samples: EvalSet, reference: EvalSet) -> str:
     width = max(len(samples.name), len(reference.name))
     lines = [f"samples:   {samples.name:<{width}}  {samples.describe()}",
@@ -229,15 +242,8 @@ def write_json(path, result: dict) -> None:
         Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python eval/evaluate.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python eval/evaluate.py", description=__doc__)
     p.add_argument("samples", metavar="SAMPLES", help="images .npz / image folder / ImageFolder")
     p.add_argument("reference", metavar="REFERENCE", help="images, an ADM reference batch or a statistics cache")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the metrics here too")
@@ -252,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="matrix square root of the Fréchet distance (sqrtm as ADM; eigh is equivalent and faster)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fd-dinov2", action="store_true",
+                   help="also FD-DINOv2, EDM2's second metric (DINOv2 ViT-L/14 features; both sets as images)")
+    p.add_argument("--dinov2-weights", default=None, metavar="PATH",
+                   help="DINOv2 ViT-L/14 as TorchScript or a state dict (default: the torch hub cache; never "
+                        "downloaded)")
     return p
 
 
@@ -281,6 +292,13 @@ def main(argv=None) -> int:
         extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
         dims = feature_dims(extractor)
         check_set(reference, dims)
+        dinov2 = None
+        if args.fd_dinov2:  # the network and the reference's images checked before any work
+            from eval.dinov2 import load_dinov2
+            if reference.images is None:
+                raise FIDError(f"--fd-dinov2 needs the reference's images; {args.reference} holds Inception "
+                               f"statistics only")
+            dinov2 = load_dinov2(args.dinov2_weights, device)
         progress = not args.no_progress
         for s in (samples, reference):
             featurize(s, extractor, args.batch_size, device, progress)
@@ -288,7 +306,16 @@ def main(argv=None) -> int:
             save_reference(reference, args.save_ref)
             print(f"saved the reference's statistics and features to {args.save_ref}")
         result = evaluate(samples, reference, method=args.method, device=device)
+        if dinov2 is not None:
+            from eval.dinov2 import dinov2_features, fd_dinov2
+            features = [dinov2_features(s.images, dinov2, device=device, progress=progress)
+                        for s in (samples, reference)]
+            result["fd_dinov2"] = fd_dinov2(*features, method=args.method)
         print(format_table(result, samples, reference), flush=True)
+        if small_sample_warning(samples.num_images):
+            print(small_sample_warning(samples.num_images), file=sys.stderr)
+        if dinov2 is not None:
+            print(f"FD-DINOv2: {result['fd_dinov2']:.6g}")
         if args.json:
             write_json(args.json, result)
     except (FIDError, InceptionWeightsError, OSError, ValueError) as e:

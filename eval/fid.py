@@ -431,7 +431,8 @@ def _summary(name, path, kind, payload, mu, sigma) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from cli import Parser
+    ap = Parser(
         prog="python eval/fid.py",
         description="FID between two image sets (.npz with arr_0, or an image folder) or statistics (.npz with mu, sigma).",
     )

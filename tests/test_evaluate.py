@@ -211,6 +211,15 @@ def cli_inputs(tmp_path_factory):
     return d
 
 
+def test_an_fid_of_few_samples_comes_with_a_word_on_its_bias(cli_inputs, capsys):
+    d = cli_inputs
+    assert ev.main([str(d / "samples.npz"), str(d / "ref.npz"), "--inception-weights", str(d / "stub.pt"),
+                    "--device", "cpu", "--method", "eigh", "--no-progress"]) == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: the FID of 30 samples is biased upward") and "10,000 or 50,000" in line
+    assert ev.small_sample_warning(10_000) is None and ev.small_sample_warning(None) is None
+
+
 def test_cli_prints_the_adm_table_and_writes_json(cli_inputs, tmp_path, capsys):
     d = cli_inputs
     argv = [str(d / "samples.npz"), str(d / "ref.npz"), "--inception-weights", str(d / "stub.pt"), "--device", "cpu",

@@ -123,3 +123,50 @@ def test_under_ddp_each_rank_samples_its_share_and_the_fid_is_the_same(tmp_path,
     assert json.load(open(os.path.join(run, "config.json")))["world_size"] == 2
     (record,) = read_jsonl(os.path.join(run, "fid_during_training.jsonl"))
     assert fid_afterwards(run, reference, 2, "--batch-size", "2")["fid"] == pytest.approx(record["fid"], rel=1e-9)
+
+
+def test_an_automatic_reference_is_announced_spaced_over_the_asked_count_and_cached_under_it(tmp_path, capsys,
+                                                                                             cheap_fid):
+    """--eval-ref auto with --eval-ref-images 20: one line before the work says what is computed, over how
+    many images and about how long; the statistics hold the features of 20 evenly spaced digits, in a cache
+    whose name says the count (sample_fid.py --ref-images 20 would reuse it)."""
+    from test_sample import stub_inception
+    stub = str(stub_inception(tmp_path / "stub.pt"))
+    results = tmp_path / "results"
+    assert train.main([*fast_run(results, "auto", "--eval-ref-images", "20", "--inception-weights", stub),
+                       "--num-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("reference: Inception statistics")]
+    assert "20 evenly spaced of the 1,797 images of digits on cpu, about " in line
+    assert out.index(line) < out.index("reference: computed in") < out.index("step       1/2")
+    (cache,) = os.listdir(results / "refs")
+    assert cache.startswith("digits-16-n20-w") and cache.endswith(".npz")
+    with np.load(results / "refs" / cache) as z:
+        assert z["pool"].shape == (20, 24)
+    assert read_jsonl(str(results / "000-DiT-XS-8" / "fid_during_training.jsonl"))[-1]["reference"] == str(
+        results / "refs" / cache)
+
+
+def test_the_default_reference_count_is_all_on_a_gpu_and_a_few_hundred_on_a_cpu(monkeypatch):
+    from eval import ref_stats
+    assert ref_stats.reference_images(None, "cpu") == ref_stats.CPU_REFERENCE_IMAGES == 300
+    assert ref_stats.reference_images("all", "cpu") is None and ref_stats.reference_images(7, "cpu") == 7
+    monkeypatch.setattr(ref_stats, "resolve_device", lambda device: torch.device("cuda"))
+    assert ref_stats.reference_images(None) is None
+    assert ref_stats.cache_tag(None) == "" and ref_stats.cache_tag(300) == "-n300"
+
+
+def test_the_time_of_the_runs_reference_counts_in_the_cost_fraction(monkeypatch):
+    """A reference computed for the run took 30 s; then 60 s of training and a 10 s evaluation: the
+    evaluations cost (30 + 10) / 60 of the training time."""
+    import argparse
+    import types
+    import eval.during_training as during_training
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(during_training.time, "perf_counter", lambda: clock.now)
+    fid = during_training.TrainingFID(argparse.Namespace(), None, {}, 0, 1, torch.device("cpu"), reference_seconds=30)
+    clock.now += 60
+    assert fid.cost_fraction() == pytest.approx(30 / 60)
+    fid.eval_seconds += 10
+    clock.now += 10
+    assert fid.cost_fraction() == pytest.approx(40 / 60)

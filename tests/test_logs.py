@@ -20,6 +20,7 @@ from runs import read_jsonl
 from helpers import only_run
 
 FAST = ["--model", "DiT-XS/8", "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3", "--mp-lr", "1e-2",
+        "--use-weight-normalization",  # (both kinds of parameters: weight-normalised layers, a plain label table)
         "--log-every", "1", "--ema-snapshot-every", "2", "--ckpt-every", "2", "--magnitude-every", "2"]
 FID = ["--eval-every", "2", "--eval-samples", "4", "--eval-sampling-steps", "2", "--eval-sampler", "ddim"]
 
@@ -120,6 +121,34 @@ def test_tensorboard_holds_both_learning_rates_the_image_rate_magnitudes_fid_and
     grids = acc.Images("fid_during_training/samples")
     assert [g.step for g in grids] == [2, 4]
     assert (grids[-1].width, grids[-1].height) == (4 * 16, 16)  # four 16x16 digits in a row
+
+
+def test_an_all_mp_run_shows_its_mp_rate_in_log_lines_tensorboard_config_and_plot_titles(tmp_path, monkeypatch):
+    """--use-all-mp: every parameter trains at --mp-lr (1e-2); the plain rate (1e-4) belongs to no parameter
+    and is shown nowhere, so no reader takes it for the model's rate."""
+    import json
+
+    import matplotlib.axes
+    import eval.during_training as during_training
+    monkeypatch.setattr(during_training.TrainingFID, "_fid", lambda self, images: float(images.mean()))
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: titles.append(t) or set_title(ax, t, *a, **k))
+    results = tmp_path / "results"
+    assert train.main(["--model", "DiT-XS/8", "--batch-size", "8", "--num-workers", "0", "--log-every", "1",
+                       "--num-lin-warmup", "0", "--start-decay", "0", "--ema-snapshot-every", "2", "--ckpt-every", "2",
+                       "--magnitude-every", "1", *FID, "--eval-ref", reference_stats(str(tmp_path)),
+                       "--num-steps", "2", "--use-all-mp", "--results-dir", str(results), "--tensorboard"]) == 0
+    run = only_run(results)
+    steps = [ln for ln in open(os.path.join(run, "log.txt")) if re.search(r"step +\d+/2 ", ln)]
+    assert len(steps) == 2 and all("mp_lr 1.00e-02" in ln and " lr " not in ln for ln in steps)
+    assert json.load(open(os.path.join(run, "config.json")))["learning_rates"] == {"mp_lr": 1e-2}
+    acc = scalar_events(run)
+    assert [e.value for e in acc.Scalars("train/mp_lr")] == pytest.approx([1e-2, 1e-2])
+    assert "train/lr" not in acc.Tags()["scalars"]
+    kinds = {"loss.png", "magnitudes.png", "fid_during_training.png"}
+    assert kinds <= set(os.listdir(run))
+    assert len(titles) >= 3 and all("mp_lr 1.00e-02" in t and "1.00e-04" not in t for t in titles)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -347,6 +347,28 @@ def test_guide_run_of_another_shape_is_refused_before_sampling(run_dir, tmp_path
     assert what in one_error_line(capsys.readouterr().err)
 
 
+def test_a_guide_trained_on_other_data_is_taken_with_a_warning(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "generate", lambda model, config, labels, **kw: np.zeros((len(labels), 16, 16, 3),
+                                                                                       np.uint8))
+    other = tmp_path / "mnist-run"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("samples", "fid"))
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["name"] = "mnist"  # (the same 1x16x16 images and 10 classes as the digits)
+    (other / "config.json").write_text(json.dumps(config))
+    assert sample.main(["--run-dir", run_dir, "--guide", str(other), "--cfg-scale", "2", "--class-label", "1",
+                        "--num-samples", "1", "--output", str(tmp_path / "g.png")]) == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: --guide {other} was trained on mnist, this run on digits")
+    assert (tmp_path / "g.png").exists()
+
+
+def test_one_sample_per_class_is_said_in_the_singular(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "generate", lambda model, config, labels, **kw: np.zeros((len(labels), 16, 16, 3),
+                                                                                       np.uint8))
+    assert sample.main(["--run-dir", run_dir, "--num-samples", "1", "--output", str(tmp_path / "g.png")]) == 0
+    assert "1 sample each)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("form", ["ema:0.1", f"step:{CKPT_EVERY}", f"ckpt:{CKPT_EVERY}", "another-run"])
 def test_each_guide_form_samples(run_dir, tmp_path, capsys, form):
     if form == "another-run":

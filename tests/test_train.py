@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 import torch
@@ -469,6 +470,15 @@ def test_compile_mode_without_compile(existing, capsys):
     assert tree_listing(existing["results"]) == before
 
 
+def test_resuming_a_run_that_reached_its_steps_says_there_is_nothing_to_train(existing, tmp_path, capsys):
+    run = shutil.copytree(existing["run"], tmp_path / "run")
+    assert train.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"the run is already at step 3 of --num-steps 3: nothing to train; to go on, give the new end: " \
+           f"--resume {run} --num-steps 6" in out
+    assert [ln for ln in out.splitlines() if " step " in ln and "/3 " in ln] == []  # no step was taken
+
+
 def test_resume_a_run_made_before_an_option_existed(existing, tmp_path):
     """A run folder whose config.json predates --compile-mode resumes with that option's default."""
     old = tmp_path / "old-run"
@@ -651,6 +661,37 @@ def test_lr_factor_matches_design(W, D):
         assert training.lr_factor(s, W, D) == pytest.approx(design_lr(s, W, D), rel=1e-12), s
     assert training.lr_factor(0, 10, 100) == pytest.approx(0.1)
     assert training.lr_factor(400, 10, 100) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("steps, every, snapshots", [(5, 1, 5), (40, 4, 10), (2000, 200, 10), (20_000, 1000, 20),
+                                                     (100_000, 1000, 100), (400_000, 1600, 250)])
+def test_default_snapshot_spacing_is_one_per_thousand_steps_between_10_and_250_a_run(steps, every, snapshots):
+    args = train.fill_defaults(train.build_parser().parse_args(["--num-steps", str(steps)]))
+    assert args.ema_snapshot_every == every
+    assert runs.saves_between(0, steps, every) == snapshots
+
+
+def test_the_readme_example_plans_under_a_gigabyte():
+    """python train.py --model DiT-XS/2 --use-all-mp --num-steps 20000: 7.8 GB with the old steps//250."""
+    args = train.fill_defaults(train.build_parser().parse_args(["--use-all-mp", "--num-steps", "20000"]))
+    n_params = sum(p.numel() for p in build_model("DiT-XS/2", in_channels=1, input_size=16, num_classes=10,
+                                                  mp=MPConfig.all_on()).parameters())
+    need, account = runs.disk_plan(args, n_params, 0)
+    assert need < 1e9 and account.startswith("40 EMA snapshots")
+
+
+def test_loader_processes_default_to_none_for_a_set_in_memory(tmp_path, monkeypatch):
+    import data
+    digits = data.load_dataset("digits")
+    assert digits.in_memory and train.default_num_workers(digits) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert train.default_num_workers(types.SimpleNamespace(in_memory=False)) == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert train.default_num_workers(types.SimpleNamespace(in_memory=False)) == 4
+    results = tmp_path / "results"
+    assert train.main([a for a in FAST if a not in ("--num-workers", "0")] + [
+        "--num-steps", "1", "--results-dir", str(results)]) == 0
+    assert json.load(open(os.path.join(only_run(results), "config.json")))["args"]["num_workers"] == 0
 
 
 def test_lr_defaults_and_logged_schedule(tmp_path):

@@ -245,3 +245,48 @@ def test_a_resumed_run_with_random_flip_equals_the_uninterrupted_one(files, tmp_
     assert a["step"] == b["step"] == 2
     assert_states_close(b["model"], a["model"])
     assert_emas_close(b["ema"], a["ema"])
+
+
+def test_a_run_folder_moves_and_its_tools_take_the_vae_where_it_is_now(files, tmp_path, capsys):
+    """A VAE folder inside the results folder is recorded relative to the run too, so the moved results
+    folder samples as it is; a VAE moved elsewhere is named with --vae (sample.py, resume)."""
+    import sample
+    import train
+    results = tmp_path / "results"
+    vae = shutil.copytree(files["vae"], results / "vae")
+    assert train.main([*FAST, "--data-path", files["hf"], "--vae", str(vae), "--num-steps", "1",
+                       "--ckpt-every", "1", "--ema-snapshot-every", "1", "--results-dir", str(results)]) == 0
+    config = json.load(open(results / "000-DiT-XS-4" / "config.json"))
+    assert config["data"]["vae"] == str(vae) and config["data"]["vae_from_run"] == os.path.join(os.pardir, "vae")
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(results), str(moved))
+    run = str(moved / "000-DiT-XS-4")
+    grid = ["--run-dir", run, "--num-samples", "1", "--num-sampling-steps", "1", "--device", "cpu", "--no-progress"]
+    assert sample.main(grid) == 0
+    far = shutil.move(str(moved / "vae"), str(tmp_path / "far-vae"))
+    assert sample.main(grid) == 2
+    assert "VAE folder not found" in capsys.readouterr().err
+    assert sample.main([*grid, "--vae", far]) == 0
+    assert train.main(["--resume", run, "--num-steps", "2"]) == 2  # the recorded VAE is gone...
+    assert train.main(["--resume", run, "--num-steps", "2", "--vae", far]) == 0  # ...and --vae says where
+
+
+def test_loading_a_vae_prints_no_notice_about_accelerate(files):
+    """diffusers' default load wants `accelerate` (not a dependency) and says so in five lines at every load."""
+    import logging
+    from diffusers import AutoencoderKL
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")  # (diffusers' loggers stop propagating here)
+    logger.addHandler(handler)
+    try:
+        D.load_vae(files["vae"])
+        quiet = list(records)
+        AutoencoderKL.from_pretrained(files["vae"])  # the default load, for comparison
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in quiet if "accelerate" in r.getMessage()]
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:  # (where it is missing the default load does say it)
+        assert [r for r in records if "accelerate" in r.getMessage()]
