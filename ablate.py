@@ -356,16 +356,18 @@ def collect(args, job: Job) -> dict | None:
             "img_per_s": speeds[len(speeds) // 2] if speeds else math.nan, "curve": curve}
 
 
-def report_from_disk(args, jobs: list[Job], stages: "Stages | None" = None) -> list[dict]:
-    """The report (OUT/ablation.md, .json, PNGs) of every job's finished numbers, the rest marked missing;
-    returns the finished results."""
+def report_from_disk(args, jobs: list[Job], show: bool = True) -> list[dict]:
+    """The report (OUT/ablation.md, .json, PNGs) of every job's finished numbers, the rest marked missing,
+    printed if `show`; returns the finished results."""
     found = {job.name: collect(args, job) for job in jobs}
     results = [r for r in found.values() if r is not None and r["fid"] is not None]
     missing = [{"run": job.name, "missing": "not started" if found[job.name] is None else found[job.name]["missing"]}
                for job in jobs if found[job.name] is None or found[job.name]["fid"] is None]
     partial = [r for r in found.values() if r is not None and r["fid"] is None and r["curve"]]
     rows, pairs = summarize(args, results)
-    write_report(args, rows, pairs, results, missing, partial)
+    text = write_report(args, rows, pairs, results, missing, partial)
+    if show:
+        print(text, flush=True)
     return results
 
 
@@ -433,7 +435,7 @@ def rates_measured(records: list[dict], args) -> str:
     if train:
         per_run = [r["steps"] * args.batch_size / max(r["seconds"] - r.get("eval_seconds", 0.0), 1e-9) for r in train]
         parts.append(f"training {sum(per_run) / len(per_run):,.0f} img/s per run, {min(args.jobs, len(train))} at "
-                     f"once (evaluations excluded)")
+                     f"once (its FIDs left out, the process's start-up included)")
     if evals:
         parts.append(f"FID during training {sum(evals) / len(evals):.1f} s each")
     if finals:
@@ -643,7 +645,7 @@ def curves_table(runs: list[dict]) -> list[str]:
 
 
 def write_report(args, rows: list[dict], pairs: list[dict], results: list[dict], missing: list[dict] = (),
-                 partial: list[dict] = ()) -> None:
+                 partial: list[dict] = ()) -> str:
     """OUT/ablation.md and .json, the bar chart and the curves; `missing`: the runs without a final FID and
     why, `partial`: those of them with FIDs during training."""
     budget = budget_text(args)
@@ -693,7 +695,7 @@ def write_report(args, rows: list[dict], pairs: list[dict], results: list[dict],
     if any(curves for _, curves in groups):
         plot_fid_bands([(label, curves) for label, curves in groups if curves],
                        os.path.join(args.out_dir, "ablation_curves.png"), title=budget)
-    print(text, flush=True)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -863,8 +865,9 @@ def main(argv=None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for done in as_completed([pool.submit(do_job, args, job, stages) for job in jobs]):
                 done.result()
-                with stages.timed("report"):
-                    report_from_disk(args, jobs)  # a partial report after each run, the rest marked missing
+                with stages.timed("report"):  # a partial report after each run, the rest marked missing
+                    report_from_disk(args, jobs, show=False)
+        report_from_disk(args, jobs)
         wall = time.perf_counter() - stages.start
         records, _ = session_records(stages.path)
         print(f"[ablate] done: {len(jobs)} runs in {wall / 60:.1f} min; {os.path.join(args.out_dir, 'ablation.md')}"
