@@ -1,8 +1,10 @@
 """Ablation that can rank something: a ladder of MP configurations, each trained at a few learning rates
 and with several seeds on the same budget, scored with FID at the end and (--eval-every) during training.
 
-OMP_NUM_THREADS=1 MAPDIT_FID_METHOD=eigh python ablate.py --preset cpu --out-dir /tmp/ablation-cpu  # CPU
-python ablate.py --preset gpu-mnist --out-dir abl                   # one GPU (benchmarks/ablation_gpu.sh)
+OMP_NUM_THREADS=1 python ablate.py --preset cpu --out-dir /tmp/ablation-cpu  # CPU
+python ablate.py --preset gpu-mnist --out-dir abl                   # one GPU (benchmarks/gpu_sitting.sh)
+python ablate.py --preset gpu-mnist --dry-run                       # its plan: each stage's predicted time
+python ablate.py --preset gpu-mnist --out-dir abl --report-only     # the report of whatever finished
 python ablate.py --out-dir abl --rungs 0 5 --seeds 3 --lrs 0=1e-4,1e-3 5=1e-2,3e-3 --eval-every 500
 
 Rungs: 0 none; 1 + weight normalisation; 2 + forced WN; 3 + MP residual, SiLU, embedding and positional
@@ -21,6 +23,14 @@ tried, and for each pair of adjacent rungs (and each rung's best lr against its 
 difference exceeds the spread: |Δ mean| > std_a + std_b. OUT/ablation_curves.png draws FID over training
 of every rung at its best lr (mean line, ± one std band). Finished runs and FIDs are reused and unfinished
 runs resumed: re-run the same command after an interruption, or with more rungs, rates or seeds.
+
+Where the minutes went: every stage's wall time (install check, reference, each run's training, each FID
+during training, each final FID, the reports) is appended to OUT/stages.jsonl as it ends, and a summary
+table ends the log. Every FID is on disk as soon as it exists (RUN/fid_during_training.jsonl,
+RUN/fid/fid.jsonl); --report-only writes the report from them, naming the runs still missing. --dry-run
+predicts each stage from the rates stored with the preset (PLAN_RATES). Each run's processes get the cores
+divided among the runs at once (--threads): ten runs with every core's BLAS threads each made their FIDs'
+host work minutes long (benchmarks/fid_threads.py).
 """
 from __future__ import annotations
 

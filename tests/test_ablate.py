@@ -4,8 +4,8 @@ end to end on the CPU (benchmarks/gpu_sitting.sh's rehearsal); every stage logs 
 them, --report-only reports a cut-short ablation; bad input is refused before any training.
 
 The FIDs are numbers, not meaningful: random (valid) reference statistics, 4 samples of 2 steps, one FID per
-run, and the Fréchet distance by eigh (MAPDIT_FID_METHOD=eigh, the same formula, seconds instead of ~20 s on
-a CPU). Each FID still costs seconds (the 2048x2048 eigendecompositions), so one ablation, run once for this
+run, and the Fréchet distance by eigh (the default; MAPDIT_FID_METHOD=eigh says so in case the environment
+says otherwise). Each FID still costs seconds (the 2048x2048 eigendecompositions), so one ablation, run once for this
 module, serves most tests.
 """
 import json
