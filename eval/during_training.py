@@ -6,9 +6,10 @@ and scored against the run's reference statistics. The draw is eval/sample_fid.p
 noise and batching for the same seed, so the number equals what
 
     python eval/sample_fid.py --result-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
-        --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --ref REF
+        --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --precision P --ref REF
 
-computes afterwards from the checkpoint of that step (a test holds them equal). Under DDP every rank
+computes afterwards from the checkpoint of that step (a test holds them equal; P is --eval-precision, fp32 by
+default, bf16 autocast for a GPU sitting). Under DDP every rank
 samples its share and rank 0 gathers the images and scores them. Records go to
 RUN/fid_during_training.jsonl (truncated on resume like metrics.jsonl, so the curve continues), the curve
 to RUN/fid_during_training.png; each record says what the evaluations have cost so far as a fraction of
