@@ -19,7 +19,7 @@
 # Flags after the script name go to ablate.py (they override the preset's values; a test rehearses the whole
 # sitting this way on a CPU). Knobs (environment): OUT, WORK (default $OUT.work), PYTHON, COMMIT (stamped in
 # the log where the copy has no git metadata), WHEELHOUSE, T_INSTALL (120 s), T_PROTOCOL (420 s), T_REPORT
-# (120 s), T_BENCH (240 s), BENCH_ARGS (default --preset gpu). Re-running continues: finished runs and FIDs
+# (120 s), T_BENCH (180 s), BENCH_ARGS (default --preset gpu). Re-running continues: finished runs and FIDs
 # in $WORK are reused.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +66,7 @@ torch.cuda.is_available(), '|', torch.cuda.get_device_name() if torch.cuda.is_av
     echo "== the protocol needs what the install check names; skipped (the throughput table needs torch only)"
   fi
   read -r -a bench_args <<<"${BENCH_ARGS:---preset gpu}"
-  stage throughput "${T_BENCH:-240}" "$PYTHON" bench.py "${bench_args[@]}" --time-budget $(( ${T_BENCH:-240} - 60 > 10 ? ${T_BENCH:-240} - 60 : 10 )) \
+  stage throughput "${T_BENCH:-180}" "$PYTHON" bench.py "${bench_args[@]}" --time-budget $(( ${T_BENCH:-180} - 60 > 10 ? ${T_BENCH:-180} - 60 : 10 )) \
     --out "$OUT/throughput"
 
   echo
