@@ -353,7 +353,8 @@ def collect(args, job: Job) -> dict | None:
     metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
     tail = metrics[-max(1, len(metrics) // 5):]  # mean over the last fifth: less noisy than one log line
     speeds = sorted(r["img_per_s"] for r in metrics[1:] or metrics)
-    curve = [(r["step"], r["fid"]) for r in read_jsonl(os.path.join(run, "fid_during_training.jsonl"))]
+    evals = read_jsonl(os.path.join(run, "fid_during_training.jsonl"))
+    curve = [(r["step"], r["fid"]) for r in evals]
     steps = [s for s, _ in list_checkpoints(run)]
     trained_to = max([*steps, *(r["step"] for r in metrics)], default=0)
     fid = finished_fid(args, job, run) if steps and steps[-1] >= args.num_steps else None
@@ -363,12 +364,13 @@ def collect(args, job: Job) -> dict | None:
     return {"rung": job.rung, "lr": job.lr, "mp_lr": job.mp_lr, "plain_lr": job.plain_lr, "seed": job.seed,
             "fid_seed": job.fid_seed, "name": job.name, "run": run, "fid": fid, "missing": missing,
             "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else math.nan,
-            "img_per_s": speeds[len(speeds) // 2] if speeds else math.nan, "curve": curve}
+            "img_per_s": speeds[len(speeds) // 2] if speeds else math.nan, "curve": curve,
+            "eval_seconds": [(r["step"], r["seconds"]) for r in evals]}
 
 
 def report_from_disk(args, jobs: list[Job], show: bool = True) -> list[dict]:
     """The report (OUT/ablation.md, .json, PNGs) of every job's finished numbers, the rest marked missing,
-    printed if `show`; returns the finished results."""
+    printed if `show`; returns what is on disk of every started run (collect())."""
     found = {job.name: collect(args, job) for job in jobs}
     results = [r for r in found.values() if r is not None and r["fid"] is not None]
     missing = [{"run": job.name, "missing": "not started" if found[job.name] is None else found[job.name]["missing"]}
@@ -378,7 +380,7 @@ def report_from_disk(args, jobs: list[Job], show: bool = True) -> list[dict]:
     text = write_report(args, rows, pairs, results, missing, partial)
     if show:
         print(text, flush=True)
-    return results
+    return [r for r in found.values() if r is not None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -852,11 +854,18 @@ def main(argv=None) -> int:
                 raise ValueError(f"{args.out_dir} has no runs/ folder; --report-only reports an ablation's OUT_DIR")
             if args.ref == "auto":  # the reference the runs were scored against, whichever file it was
                 args.ref = None
-            results = report_from_disk(args, jobs)
+            runs = report_from_disk(args, jobs)
             records, session = session_records(os.path.join(args.out_dir, STAGES_NAME))
-            print(f"[ablate] report of {len(results)} finished runs of {len(jobs)}", flush=True)
+            # The FIDs during training of runs cut short: in their logs only (a run's stages are recorded
+            # when its training ends).
+            seen = {(r.get("run"), r.get("step")) for r in records if r["stage"] == "FID during training"}
+            records += [{"stage": "FID during training", "seconds": seconds, "ok": True, "run": r["name"], "step": step}
+                        for r in runs for step, seconds in r["eval_seconds"] if (r["name"], step) not in seen]
+            print(f"[ablate] report of {sum(r['fid'] is not None for r in runs)} finished runs of {len(jobs)}",
+                  flush=True)
             if records:
-                print(f"\nsession {session}:\n" + minutes_table(records), flush=True)
+                print(f"\nsession {session or '(none recorded)'}, with the FIDs during training of the runs' "
+                      f"logs:\n" + minutes_table(records), flush=True)
             return 0
         start = time.perf_counter()
         check_install(args)

@@ -249,6 +249,7 @@ def test_the_report_of_a_cut_short_ablation_keeps_every_finished_number_and_mark
     assert "**Missing (2 of 6 runs" in table and "- rung1-mplr0.001-lr0.0003-seed1: not started" in table
     fid = read_jsonl(os.path.join(cut, "fid_during_training.jsonl"))[-1]["fid"]
     assert f"| rung1-mplr0.001-lr0.0003-seed0 | — | {fid:.2f} |" in table  # its FID during training is kept
+    assert "| FID during training | 5 |" in p.stdout  # the seconds of every run's FIDs, read from the runs' logs
 
 
 def test_presets_are_defaults_that_flags_override():
