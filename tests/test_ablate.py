@@ -268,7 +268,7 @@ def test_the_presets_mp_rungs_have_no_plain_parameters_so_their_swept_lr_is_ever
 
 @pytest.mark.parametrize("bad", [["--rungs", "8"], ["--num-steps", "0"], ["--ref", "none"], ["--ref", "missing.npz"],
                                  ["--seeds", "0"], ["--lrs", "5=fast"], ["--fid-samples", "0"], ["--plain-lr", "0"],
-                                 ["--plain-lr", "fast"]])
+                                 ["--plain-lr", "fast"], ["--threads", "-1"], ["--report-only"], ["--dry-run"]])
 def test_bad_input_is_refused_before_training(tmp_path, capsys, bad):
     out = tmp_path / "abl"
     assert ablate.main(["--out-dir", str(out), *bad]) == 2  # (in this process: main is what the command runs)
