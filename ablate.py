@@ -386,6 +386,7 @@ def report_from_disk(args, jobs: list[Job], show: bool = True) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 # Where the minutes went: every stage's wall time in OUT/stages.jsonl, as soon as it ends.
 
+STAGES_NAME = "stages.jsonl"
 STAGE_KINDS = ["install check", "reference", "training", "FID during training", "final FID", "report"]
 
 
@@ -415,14 +416,13 @@ class Stages:
         self.add(stage, time.perf_counter() - start, **info)
 
 
-STAGES_NAME = "stages.jsonl"
-
 
 def minutes_table(records: list[dict], wall: float | None = None, jobs: int = 1) -> str:
     """The summary of stage records: count, sum and mean seconds per kind of stage, training net of its
     evaluations, and the protocol's wall time (the sums exceed it where runs overlap)."""
     by_kind = {kind: [r for r in records if r["stage"] == kind] for kind in STAGE_KINDS}
-    evals = sum(r["seconds"] for r in by_kind["FID during training"])
+    trained = {r.get("run") for r in by_kind["training"]}  # (runs cut short have FIDs but no training record)
+    evals = sum(r["seconds"] for r in by_kind["FID during training"] if r.get("run") in trained)
     lines = ["Where the minutes went:", "", "| stage | count | seconds | mean s | failed or cut |",
              "| --- | --- | --- | --- | --- |"]
     for kind, recs in by_kind.items():
