@@ -82,9 +82,10 @@ RUNGS = [(name, [f for _, fl in LADDER[: i + 1] for f in fl]) for i, (name, _) i
 # have MP parameters only (every weight, gain and table is weight-normalised), so their swept lr is the one rate
 # of every parameter, and --plain-lr changes nothing in them; rung 0 has plain ones only.
 PRESETS = {
-    # One GPU, under 8 minutes: MNIST 16x16, DiT-XS/2, batch 256, 2,500 steps; FID-2K of 100 DDPM steps, CFG 1.5,
-    # post-hoc EMA σ_rel 0.05, against the 10,000 MNIST test images; FID-2K (20 DPM-Solver++ steps) every 500.
-    # No switches at lr 1e-3 and 1e-4; all eight at MP lr 1e-2 and 3e-3; all eight, scale+rotation+gate at 1e-2.
+    # One GPU (benchmarks/gpu_sitting.sh; --dry-run predicts each stage from PLAN_RATES): MNIST 16x16, DiT-XS/2,
+    # batch 256, 2,500 steps; FID-2K of 100 DDPM steps, CFG 1.5, post-hoc EMA σ_rel 0.05, against the 10,000 MNIST
+    # test images; FID-2K (20 DPM-Solver++ steps, bf16 autocast) every 500. No switches at lr 1e-3 and 1e-4; all
+    # eight at MP lr 1e-2 and 3e-3; all eight, scale+rotation+gate at 1e-2. Ten runs at once, one core each.
     "gpu-mnist": dict(data_path="mnist", model="DiT-XS/2", batch_size=256, num_steps=2500, rungs=[0, 5, 7],
                       lrs=["0=1e-3,1e-4", "5=1e-2,3e-3", "7=1e-2"], seeds=2, fid_samples=2000, fid_steps=100,
                       sampler="ddpm", cfg_scale=1.5, eval_every=500, eval_samples=2000, eval_sampler="dpm-solver++",
