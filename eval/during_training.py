@@ -6,9 +6,10 @@ and scored against the run's reference statistics. The draw is eval/sample_fid.p
 noise and batching for the same seed, so the number equals what
 
     python eval/sample_fid.py --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
-        --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --ref REF
+        --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --precision P --ref REF
 
-computes afterwards from the checkpoint of that step (a test holds them equal). Under DDP every rank
+computes afterwards from the checkpoint of that step (a test holds them equal; P is --eval-precision, fp32 by
+default, bf16 autocast for a GPU sitting). Under DDP every rank
 samples its share and rank 0 gathers the images and scores them. Records go to
 RUN/fid_during_training.jsonl (truncated on resume like metrics.jsonl, so the curve continues), the curve
 to RUN/fid_during_training.png; each record says what the evaluations have cost so far as a fraction of
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which tracked EMA (one of --ema-stds; default the first)")
     g.add_argument("--eval-seed", type=int, default=42, help="sampling seed (the same at every evaluation)")
     g.add_argument("--eval-batch-size", type=int, default=250, help="images per sampling forward and process")
+    g.add_argument("--eval-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="the sampling forwards' precision (as sample.py --precision; bf16 autocast: a few times "
+                        "faster on a GPU, other samples than fp32's)")
     g.add_argument("--eval-ref", default="auto",
                    help='reference statistics or images (as eval/sample_fid.py --ref); "auto": the built-in '
                         "dataset's, computed once into RESULTS/refs/")
@@ -57,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # Options of this module that may change on --resume (they do not change the weights).
 RESUMABLE = ["eval_every", "eval_samples", "eval_sampler", "eval_sampling_steps", "eval_cfg_scale", "eval_ema_std",
-             "eval_seed", "eval_batch_size", "eval_ref", "eval_ref_images", "eval_max_fraction", "inception_weights"]
+             "eval_seed", "eval_batch_size", "eval_precision", "eval_ref", "eval_ref_images", "eval_max_fraction",
+             "inception_weights"]
 
 
 def check_arguments(args) -> None:
@@ -127,7 +132,8 @@ class TrainingFID:
         lo, hi = self.rank * share, min(a.eval_samples, (self.rank + 1) * share)
         return generate(model, self.config, labels[lo:hi].to(self.device), cfg_scale=a.eval_cfg_scale,
                         num_steps=a.eval_sampling_steps, sampler=a.eval_sampler, seed=a.eval_seed, first_index=lo,
-                        batch_size=a.eval_batch_size, device=self.device, progress=False)
+                        batch_size=a.eval_batch_size, precision=a.eval_precision, device=self.device,
+                        progress=False)
 
     def _fid(self, images) -> float:
         if self._extractor is None:  # loaded once per run, and the reference's statistics with it
@@ -159,8 +165,8 @@ class TrainingFID:
             a = self.args
             record = {"step": step, "fid": fid, "num_samples": a.eval_samples, "sampler": a.eval_sampler,
                       "num_sampling_steps": a.eval_sampling_steps, "cfg_scale": a.eval_cfg_scale,
-                      "ema_std": a.eval_ema_std, "seed": a.eval_seed, "reference": self.reference,
-                      "seconds": seconds, "cost_fraction": self.cost_fraction()}
+                      "ema_std": a.eval_ema_std, "seed": a.eval_seed, "precision": a.eval_precision,
+                      "reference": self.reference, "seconds": seconds, "cost_fraction": self.cost_fraction()}
             run.append(LOG_NAME, record)
             run.images("fid_during_training/samples", images, step)  # (for TensorBoard / W&B, when on)
             run.log(f"FID {fid:.2f} at step {step} ({a.eval_samples} samples, {a.eval_sampler} "

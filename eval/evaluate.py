@@ -157,7 +157,7 @@ def featurize(s: EvalSet, extractor, batch_size: int = 100, device=None, progres
 def evaluate(samples: EvalSet, reference: EvalSet, *, method: str | None = None, device="cpu",
              classifier_hint: str = "--inception-classifier") -> dict:
     """The five metrics (None where unavailable, with the reason in "notes") and each set's size. `method`:
-    the Fréchet distance's square root (default MAPDIT_FID_METHOD or sqrtm, as eval.fid.fid_from_images)."""
+    the Fréchet distance's square root (default MAPDIT_FID_METHOD or eigh, as eval.fid.fid_from_images)."""
     method = fid_method(method)
     result = {m: None for m in METRICS}
     notes = {}
@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "enables the Inception Score")
     p.add_argument("--batch-size", type=int, default=100, help="images per Inception forward (default 100)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--method", choices=("sqrtm", "eigh"), default="sqrtm",
-                   help="matrix square root of the Fréchet distance (sqrtm as ADM; eigh is equivalent and faster)")
+    p.add_argument("--method", choices=("sqrtm", "eigh"), default=None,
+                   help="matrix square root of the Fréchet distance (default eigh, or MAPDIT_FID_METHOD; sqrtm as "
+                        "ADM, the same distance, slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fd-dinov2", action="store_true",
                    help="also FD-DINOv2, EDM2's second metric (DINOv2 ViT-L/14 features; both sets as images)")

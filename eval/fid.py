@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python eval/fid.py A B [--inception-weights PATH] [--batch-size 100] [--device auto] [--save-stats OUT.npz]
-                           [--method sqrtm|eigh] [--no-progress]
+                           [--method eigh|sqrtm] [--no-progress]
 
 A and B are each one of
 
@@ -103,10 +103,17 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "eigh") -> float:
     """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2})`` in float64.
 
-    ``method="sqrtm"`` (default; the computation of pytorch-fid and the ADM evaluator) uses ``scipy.linalg.sqrtm``:
+    ``method="eigh"`` (default) computes the trace from two symmetric eigendecompositions: ``tr (Σ1Σ2)^{1/2}`` is
+    the sum of the square roots of the eigenvalues of ``Σ1^{1/2} Σ2 Σ1^{1/2}`` (similar to ``Σ1Σ2``, and symmetric
+    PSD; round-off negatives clipped to 0). Well defined for singular covariances, equal to sqrtm's value to
+    ~1e-10 relative, and 4x faster on a CPU for 2048x2048; above all it does not collapse when several processes
+    share the cores: ten concurrent sqrtm's with all cores' BLAS threads each stalled the one-GPU ablation for
+    minutes (benchmarks/fid_threads.py, RESULTS.md).
+
+    ``method="sqrtm"`` (the computation of pytorch-fid and the ADM evaluator) uses ``scipy.linalg.sqrtm``:
 
     * the square root of a product of PSD matrices has real eigenvalues; round-off gives ``sqrtm`` a tiny
       imaginary part, which is discarded;
@@ -114,11 +121,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
       above ``IMAG_ATOL`` (1e-3) — ``eps·I`` is added to *both* covariances inside the square root (the traces
       ``tr Σ1 + tr Σ2`` stay those of the inputs, as in pytorch-fid) and it is recomputed, with a warning; if the
       imaginary part is still large after that, :class:`FIDError` is raised.
-
-    ``method="eigh"`` computes the same trace from two symmetric eigendecompositions (``tr (Σ1Σ2)^{1/2}`` = sum of
-    the square roots of the eigenvalues of ``Σ1^{1/2} Σ2 Σ1^{1/2}``; round-off negatives clipped to 0). It is
-    mathematically identical, well defined for singular covariances, and several times faster than ``sqrtm`` on a
-    CPU for 2048×2048 (seconds instead of tens of seconds on a small machine).
     """
     if method not in ("sqrtm", "eigh"):
         raise FIDError(f"unknown method {method!r} (use 'sqrtm' or 'eigh')")
@@ -414,9 +416,9 @@ def fid_from_images(
 
 
 def fid_method(method: str | None = None) -> str:
-    """`method`, else MAPDIT_FID_METHOD, else sqrtm. MAPDIT_FID_METHOD=eigh: the same distance several times faster
-    on a CPU (the tests of the ablation use it)."""
-    return method or os.environ.get("MAPDIT_FID_METHOD", "sqrtm")
+    """`method`, else MAPDIT_FID_METHOD, else eigh (MAPDIT_FID_METHOD=sqrtm: pytorch-fid's route, the same
+    distance)."""
+    return method or os.environ.get("MAPDIT_FID_METHOD", "eigh")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--method",
         choices=("sqrtm", "eigh"),
-        default="sqrtm",
-        help="trace of the matrix square root: scipy sqrtm (default, as pytorch-fid / ADM) or the equivalent, "
-        "faster symmetric eigendecomposition",
+        default=None,
+        help="trace of the matrix square root: symmetric eigendecompositions (default, or MAPDIT_FID_METHOD) or "
+        "scipy sqrtm (as pytorch-fid / ADM; the same distance, slower)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -484,7 +486,7 @@ def main(argv=None) -> int:
             print(f"saved A's statistics (mu, sigma) to {args.save_stats}", flush=True)
         mu2, s2 = _stats_of(kind_b, b, args.b, lazy, args.batch_size, args.device, progress)
         print(_summary("B", args.b, kind_b, b, mu2, s2), flush=True)
-        fid = frechet_distance(mu1, s1, mu2, s2, method=args.method)
+        fid = frechet_distance(mu1, s1, mu2, s2, method=fid_method(args.method))
     except (FIDError, OSError, ValueError) as e:  # OSError: FileNotFoundError, InceptionWeightsError, unreadable images
         print(f"error: {e}", file=sys.stderr)
         return 2

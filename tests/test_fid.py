@@ -15,6 +15,7 @@ from eval.fid import (
     FIDError,
     compute_statistics,
     fid_from_images,
+    fid_method,
     frechet_distance,
     load_images,
     load_source,
@@ -76,6 +77,20 @@ def test_frechet_matches_independent_computation(d, method):
     assert frechet_distance(mu1, s1, mu1 + 3.0, s1, method=method) == pytest.approx(9.0 * d, rel=1e-6, abs=1e-9)
 
 
+def test_the_default_distance_is_the_eigendecomposition_one_and_equals_sqrtms(monkeypatch):
+    # Covariances of 300 features in 256 dimensions, a few near-zero eigenvalues: Inception statistics in small.
+    rng = np.random.default_rng(9)
+    (mu1, s1), (mu2, s2) = (statistics_from_features(rng.standard_normal((300, 256)) @ rng.standard_normal((256, 256)))
+                            for _ in range(2))
+    monkeypatch.delenv("MAPDIT_FID_METHOD", raising=False)
+    assert fid_method() == "eigh"
+    by_eigh, by_sqrtm = frechet_distance(mu1, s1, mu2, s2), frechet_distance(mu1, s1, mu2, s2, method="sqrtm")
+    assert by_eigh == frechet_distance(mu1, s1, mu2, s2, method="eigh")
+    assert by_eigh == pytest.approx(by_sqrtm, rel=1e-9)
+    monkeypatch.setenv("MAPDIT_FID_METHOD", "sqrtm")
+    assert fid_method() == "sqrtm" and fid_method("eigh") == "eigh"
+
+
 @pytest.mark.parametrize("method", ["sqrtm", "eigh"])
 def test_frechet_identical_statistics_is_zero(method):
     rng = np.random.default_rng(0)
@@ -105,7 +120,7 @@ def test_frechet_singular_product_without_square_root_uses_offset():
         raw_finite = np.isfinite(scipy.linalg.sqrtm(s1 @ s2)).all()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        got = frechet_distance(np.zeros(3), s1, np.zeros(3), s2)
+        got = frechet_distance(np.zeros(3), s1, np.zeros(3), s2, method="sqrtm")
     offset_used = any("adding" in str(w.message) for w in rec)
     assert offset_used == (not raw_finite)
     # exact value: tr S1 + tr S2 - 2 sqrt(100) = 6 + 20 - 20
@@ -125,7 +140,7 @@ def test_frechet_retries_with_offset_then_raises_on_large_imaginary(monkeypatch)
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", nan_first)
     with pytest.warns(RuntimeWarning):
-        got = frechet_distance(mu, s1, mu, s2, eps=1e-3)
+        got = frechet_distance(mu, s1, mu, s2, eps=1e-3, method="sqrtm")
     assert len(calls) == 2
     off = 1e-3 * np.eye(4)
     np.testing.assert_allclose(calls[1], (s1 + off) @ (s2 + off), rtol=1e-12)
@@ -134,10 +149,10 @@ def test_frechet_retries_with_offset_then_raises_on_large_imaginary(monkeypatch)
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.5j * np.eye(len(a)))
     with pytest.warns(RuntimeWarning), pytest.raises(FIDError, match="imaginary"):
-        frechet_distance(mu, s1, mu, s2)
+        frechet_distance(mu, s1, mu, s2, method="sqrtm")
     # a tiny imaginary part is discarded
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-9j)
-    assert frechet_distance(mu, s1, mu, s2) == pytest.approx(_ref_frechet(mu, s1, mu, s2), rel=1e-8)
+    assert frechet_distance(mu, s1, mu, s2, method="sqrtm") == pytest.approx(_ref_frechet(mu, s1, mu, s2), rel=1e-8)
 
 
 def test_frechet_shape_errors_and_statistics():

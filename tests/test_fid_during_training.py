@@ -65,14 +65,16 @@ def cheap_fid(monkeypatch):
     monkeypatch.setattr(during_training, "fid_from_images", lambda images, ref, **kw: float(images.mean()))
 
 
-def test_in_training_fid_equals_sample_fid_of_the_checkpoints_tracked_ema(tmp_path, reference):
-    assert train.main(fast_run(tmp_path / "results", reference, "--num-steps", "2")) == 0
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_in_training_fid_equals_sample_fid_of_the_checkpoints_tracked_ema(tmp_path, reference, precision):
+    # --eval-precision bf16 samples under bf16 autocast, as sample_fid.py --precision bf16 does.
+    assert train.main(fast_run(tmp_path / "results", reference, "--num-steps", "2", "--eval-precision", precision)) == 0
     run = only_run(tmp_path / "results")
     (record,) = read_jsonl(os.path.join(run, "fid_during_training.jsonl"))
     assert (record["step"], record["num_samples"], record["ema_std"], record["seed"]) == (2, 4, 0.05, 42)
-    assert record["cost_fraction"] > 0 and record["seconds"] > 0
+    assert record["cost_fraction"] > 0 and record["seconds"] > 0 and record["precision"] == precision
     assert os.path.getsize(os.path.join(run, "fid_during_training.png")) > 0
-    after = fid_afterwards(run, reference, 2)
+    after = fid_afterwards(run, reference, 2, "--precision", precision)
     assert after["fid"] == record["fid"], (after, record)  # exactly: same weights, labels, noise, Inception
     assert after["weights"] == "tracked EMA σ_rel=0.05 of checkpoint 2"
 
