@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
+from benchmarks import core  # noqa: E402
 from fast_paths import apply_fast_paths  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
@@ -50,7 +50,7 @@ def switch_set(name: str) -> MPConfig:
     """A switch set as bench.py reads it (none, all, or switch names joined by +), optionally followed by
     :MODULATION (e.g. all:scale+rotation+gate)."""
     switches, _, modulation = name.partition(":")
-    sets = bench.parse_switches([switches])
+    sets = core.parse_switches([switches])
     if len(sets) != 1:
         raise SystemExit(f"error: {name!r} names {len(sets)} switch sets; give each one on its own")
     return dataclasses.replace(sets[0][1], modulation=modulation) if modulation else sets[0][1]

@@ -24,12 +24,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
+from benchmarks import core  # noqa: E402
 from training import COMPILE_MODES  # noqa: E402
 
 
-def profile_switch_set(spec: bench.Spec, args, device: torch.device) -> dict:
-    b = bench.Bench(spec, args, device)
+def profile_switch_set(spec: core.Spec, args, device: torch.device) -> dict:
+    b = core.Bench(spec, args, device)
     b.train_steps(args.warmup)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -44,7 +44,7 @@ def profile_switch_set(spec: bench.Spec, args, device: torch.device) -> dict:
     # Timing outside the profiler too: the profiler itself adds host overhead.
     plain_wall = b.train_steps(args.steps)
     b.close()
-    bench.free_memory(device, reset_dynamo=spec.compile)
+    core.free_memory(device, reset_dynamo=spec.compile)
     n = args.steps
     return {"switches": spec.switches, "wall_ms": 1e3 * plain_wall / n, "profiled_wall_ms": 1e3 * wall / n,
             "device_ms": sum(times.values()) / 1e3 / n, "kernels": sum(counts.values()) / n,
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
     if min(args.warmup, args.steps, args.batch_size) < 1:
         raise SystemExit("error: --warmup, --steps and --batch-size must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.seed, args.lr = 0, 1e-4  # what bench.Bench reads
+    args.seed, args.lr = 0, 1e-4  # what core.Bench reads
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as train.py and bench.py do on a CPU
-    name, size, channels = bench.parse_model(args.model)
-    specs = [bench.Spec(name, size, channels, label, mp, args.precision, args.compile == "on")
-             for label, mp in bench.parse_switches(args.switches)]
+    name, size, channels = core.parse_model(args.model)
+    specs = [core.Spec(name, size, channels, label, mp, args.precision, args.compile == "on")
+             for label, mp in core.parse_switches(args.switches)]
     mode = f", mode {args.compile_mode}" if args.compile == "on" else ""
-    print(f"{args.model} on {bench.device_name(device)}, torch {torch.__version__}, batch {args.batch_size}, "
+    print(f"{args.model} on {core.device_name(device)}, torch {torch.__version__}, batch {args.batch_size}, "
           f"{args.precision}, compile {args.compile}{mode}", flush=True)
     t0 = time.perf_counter()
     results = [profile_switch_set(s, args, device) for s in specs]

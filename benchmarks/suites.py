@@ -6,7 +6,7 @@ import itertools
 import time
 import traceback
 
-import bench
+from benchmarks import core
 from benchmarks.report import compile_label, fmt
 from models import MODEL_SIZES
 
@@ -27,9 +27,9 @@ PRESETS = {
 }
 
 
-def build_specs(args) -> list[bench.Spec]:
+def build_specs(args) -> list[core.Spec]:
     """Every configuration, in order: a preset's explicit rows, or compile × precision × model × switches."""
-    switches = bench.parse_switches(args.switches)
+    switches = core.parse_switches(args.switches)
     if args.rows_plan is not None:
         plan = args.rows_plan
     else:
@@ -38,37 +38,37 @@ def build_specs(args) -> list[bench.Spec]:
     specs = []
     for prec, comp, models in plan:
         for m in models:
-            name, size, channels = bench.parse_model(m)
+            name, size, channels = core.parse_model(m)
             for label, mp in switches:
-                specs.append(bench.Spec(name, size, channels, label, mp, prec, comp))
+                specs.append(core.Spec(name, size, channels, label, mp, prec, comp))
     return specs
 
 
-def run_interleaved(specs: list[bench.Spec], args, device) -> list[dict]:
+def run_interleaved(specs: list[core.Spec], args, device) -> list[dict]:
     """All configurations of a group alive at once; timed blocks alternate (ABBA…), medians reported.
 
     Peak memory on CUDA: the group's other configurations sit idle with a constant footprint (weights,
     gradients, Adam moments, EMAs), measured after their warm-up and subtracted."""
-    rows = [bench.base_row(s, args, device) for s in specs]
-    benches: list[bench.Bench | None] = [None] * len(specs)
+    rows = [core.base_row(s, args, device) for s in specs]
+    benches: list[core.Bench | None] = [None] * len(specs)
     start = time.perf_counter()
-    bench.free_memory(device, reset_dynamo=any(s.compile for s in specs))
+    core.free_memory(device, reset_dynamo=any(s.compile for s in specs))
     resident = [0] * len(specs)
 
     def fail(i, e):
-        rows[i]["error"] = bench.error_text(e)
+        rows[i]["error"] = core.error_text(e)
         rows[i]["traceback"] = traceback.format_exc(limit=6)
         if benches[i] is not None:
             benches[i].close()
         benches[i] = None
-        bench.free_memory(device, reset_dynamo=False)
+        core.free_memory(device, reset_dynamo=False)
 
     for i, spec in enumerate(specs):
         try:
-            before = bench.resident_bytes(device)
-            benches[i] = bench.Bench(spec, args, device)
-            bench.warm_up(benches[i], args, rows[i])
-            resident[i] = bench.resident_bytes(device) - before
+            before = core.resident_bytes(device)
+            benches[i] = core.Bench(spec, args, device)
+            core.warm_up(benches[i], args, rows[i])
+            resident[i] = core.resident_bytes(device) - before
         except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the others
             fail(i, e)
     live = [i for i in range(len(specs)) if benches[i] is not None]
@@ -85,28 +85,28 @@ def run_interleaved(specs: list[bench.Spec], args, device) -> list[dict]:
             rows[i]["train_steps_timed"], rows[i]["fwd_steps_timed"] = n_train, n_fwd
             others = sum(resident[j] for j in live if j != i and benches[j] is not None)
             try:
-                compiled_before = bench.compilations()
+                compiled_before = core.compilations()
                 for k, (run, n) in enumerate(((b.train_steps, n_train), (b.forward_steps, n_fwd))):
-                    bench.peak_reset(device)
+                    core.peak_reset(device)
                     times[i][k].append(run(n))
-                    p = bench.peak_bytes(device)
+                    p = core.peak_bytes(device)
                     peaks[i][k] = max(peaks[i][k], (p - others) if p is not None else 0)
                 rows[i]["compiled_while_timed"] = (rows[i].get("compiled_while_timed", 0)
-                                                   + bench.compilations() - compiled_before)
+                                                   + core.compilations() - compiled_before)
             except Exception as e:  # noqa: BLE001
                 fail(i, e)
     for i in live:
         if "error" not in rows[i]:
             cuda = device.type == "cuda"
-            rows[i]["train_peak_gib"] = bench.gib(peaks[i][0]) if cuda else None
-            rows[i]["fwd_peak_gib"] = bench.gib(peaks[i][1]) if cuda else None
-            bench.finish_row(rows[i], benches[i], *times[i])
+            rows[i]["train_peak_gib"] = core.gib(peaks[i][0]) if cuda else None
+            rows[i]["fwd_peak_gib"] = core.gib(peaks[i][1]) if cuda else None
+            core.finish_row(rows[i], benches[i], *times[i])
             rows[i]["rounds"] = args.rounds
     for b in benches:
         if b is not None:
             b.close()
     benches = None
-    bench.free_memory(device, reset_dynamo=any(s.compile for s in specs))
+    core.free_memory(device, reset_dynamo=any(s.compile for s in specs))
     elapsed = time.perf_counter() - start
     for row in rows:
         row["row_s"] = elapsed / len(rows)
@@ -117,7 +117,7 @@ def depth(model: str) -> int:
     return MODEL_SIZES[model.removeprefix("DiT-").split("/")[0]][0]
 
 
-def estimate_s(spec: bench.Spec, done: list[dict]) -> float:
+def estimate_s(spec: core.Spec, done: list[dict]) -> float:
     """Rough cost of a row from the rows measured so far. Compiling dominates compiled rows and grows
     about linearly with depth (on an H200: DiT-XS/2 ~25 s a row, S/4 ~40 s, B/2 ~45 s, train + eval)."""
     same = [r for r in done if "row_s" in r and r["compile"] == spec.compile and "error" not in r]
@@ -143,7 +143,7 @@ def print_rows(rows: list[dict]) -> None:
                      if r.get("compiled_while_timed") else ""), flush=True)
 
 
-def run_all(specs: list[bench.Spec], args, device) -> tuple[list[dict], list[str]]:
+def run_all(specs: list[core.Spec], args, device) -> tuple[list[dict], list[str]]:
     """Runs the configurations group by group (consecutive ones of one model, precision and compile, e.g.
     none and all). The budget is checked for a whole group before it starts, so that its all/none ratio
     is not cut in half. Returns the rows and the descriptions of the skipped configurations."""
@@ -180,5 +180,5 @@ def run_all(specs: list[bench.Spec], args, device) -> tuple[list[dict], list[str
                 skip(s, elapsed, estimate_s(s, rows))
                 continue
             print(f"run   {s.describe()}", flush=True)
-            done([bench.measure(s, args, device)])
+            done([core.measure(s, args, device)])
     return rows, skipped
