@@ -22,12 +22,14 @@ import torch.distributed as dist
 
 import data
 import hf_data
+import limits
 import logs
 import runs
 import training
+from atomic import Interrupted as StartupInterrupted, signals_interrupt
 from diffusion import create_diffusion
 from eval import during_training
-from models import MODEL_NAMES
+from models import MODEL_NAMES, MODEL_SIZES
 from mp_layers import MPConfig
 from runs import RunError, list_checkpoints, load_run_config
 from training import COMPILE_MODES, TrainingError
@@ -188,8 +190,22 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     for std in args.ema_stds:
         if not 0 < std < 0.2887:
             raise TrainingError(f"--ema-stds value {std} is outside (0, 0.2887)")
+    check_sizes(args, local)
     during_training.check_arguments(args)
     logs.check_arguments(args, TrainingError)
+
+
+def check_sizes(args: argparse.Namespace, local_batch: int, channels: int = 1, resolution: int | None = None) -> None:
+    """Sizes that cannot fit in memory, refused before anything is allocated (lower bounds: a batch of
+    `channels` x `resolution`² float32 inputs, one class-embedding table of the model's width)."""
+    size = resolution or args.image_size or 1
+    limits.check_fits(4 * channels * size * size * (args.batch_gpu or local_batch),
+                      f"a batch of {args.batch_gpu or local_batch} inputs of {channels}x{size}x{size}",
+                      "pass a smaller --batch-size (or --batch-gpu) or --image-size", TrainingError)
+    if args.num_classes is not None:
+        width = MODEL_SIZES[args.model.removeprefix("DiT-").split("/")[0]][1]
+        limits.check_fits(4 * (args.num_classes + 1) * width, f"a class table of {args.num_classes} classes",
+                          "pass the number of classes of the data as --num-classes (or leave it out)", TrainingError)
 
 
 def given_options(argv) -> set[str]:
@@ -218,6 +234,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
         raise TrainingError(f"--resume folder not found: {run_dir}")
     try:
         config = load_run_config(run_dir)
+        runs.refuse_linked_entries(run_dir)  # before the lock, the log or a checkpoint is opened for writing
     except RunError as e:
         raise TrainingError(str(e)) from e
     if not list_checkpoints(run_dir):
@@ -228,6 +245,12 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     if missing:
         raise TrainingError(f"{os.path.join(run_dir, 'config.json')} lacks the option(s) {', '.join(missing)} of "
                             f"the run; restore the file train.py wrote")
+    config_path = os.path.join(run_dir, "config.json")
+    try:
+        runs.check_saved_args(saved, parser, config_path)
+        runs.check_model_config(config, config_path)
+    except RunError as e:
+        raise TrainingError(str(e)) from e
     explicit = given_options(argv)
     conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k) and k not in MP_OPTIONS]
     if explicit & set(MP_OPTIONS) and MPConfig.from_args(args) != MPConfig.from_dict(config["mp"]):
@@ -266,6 +289,7 @@ def train(argv=None) -> str:
                                     vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
                                     image_column=args.image_column, label_column=args.label_column,
                                     recorded=resumed_config["data"] if resumed_config else None)
+        check_sizes(args, args.batch_size // world_size, dataset.channels, dataset.resolution)
         state = training.build_state(args, dataset, mp, device)
         fid_reference = during_training.resolve_reference(args, dataset, rank, world_size)  # before any training
         notes = []  # said once the run folder's log exists
@@ -340,12 +364,16 @@ def train(argv=None) -> str:
 
 def main(argv=None) -> int:
     try:
-        train(argv)
+        with signals_interrupt():  # (during training, StopSignal takes both signals: it saves, then stops)
+            train(argv)
+    except Interrupted as e:
+        return e.code
+    except StartupInterrupted as e:  # a signal before training began
+        print(f"error: interrupted ({e.name}) during start-up; nothing was trained", file=sys.stderr)
+        return e.code
     except (TrainingError, data.DatasetError, ValueError, OSError) as e:  # OSError: unusable folders, full disks
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        return e.code
     except KeyboardInterrupt:  # Ctrl-C before training began (once it has, Ctrl-C stops it cleanly)
         print("error: interrupted (Ctrl-C) during start-up; nothing was trained", file=sys.stderr)
         return 130

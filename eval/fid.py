@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `eval` importable from th
 import numpy as np
 import scipy.linalg
 
-from atomic import atomic_path  # noqa: E402
+from atomic import atomic_path, check_output_file, interruptible  # noqa: E402
 from eval.inception import (  # noqa: E402
     InceptionFeatureExtractor,
     InceptionWeightsError,
@@ -457,11 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@interruptible("no file was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.save_stats:  # found now, not after the Inception pass
+            check_output_file(args.save_stats, "--save-stats")
         try:
             dev = resolve_device(args.device)
         except RuntimeError as e:
