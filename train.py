@@ -42,7 +42,7 @@ RUN_DEFINING = ["model", "data_path", "image_size", "vae", "random_flip", "split
 MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
-RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
+RESUMABLE = ["num_steps", "log_every", "max_image_pixels", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
              *during_training.RESUMABLE, *logs.RESUMABLE]
 
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
     hf_data.add_arguments(p)
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images whose header claims more pixels (default: PIL's 89,478,485)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
                    help="one of " + ", ".join(MODEL_NAMES))
@@ -285,6 +287,8 @@ def train(argv=None) -> str:
             # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
             # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
+        if getattr(args, "max_image_pixels", None) is not None:
+            data.set_max_image_pixels(args.max_image_pixels)
         dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes,
                                     vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
                                     image_column=args.image_column, label_column=args.label_column,
