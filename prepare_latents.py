@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import hf_data
+import limits
 from atomic import (LinkError, atomic_path, atomic_write_text, check_output_dir, interruptible, refuse_links,
                     remove_stale_temporaries_of, torch_save_file)
 from data import (DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, LATENT_INCOMPLETE, DatasetError, FolderSource, load_vae,
@@ -106,12 +107,15 @@ def open_source(args):
 
 
 def run(args) -> dict:
-    if args.max_image_pixels is not None:
-        set_max_image_pixels(args.max_image_pixels)
+    set_max_image_pixels(args.max_image_pixels)
     if args.image_size <= 0:
         raise DatasetError(f"--image-size must be positive, got {args.image_size}")
     if args.batch_size <= 0:
         raise DatasetError(f"--batch-size must be positive, got {args.batch_size}")
+    views = 2 if args.random_flip else 1  # the image, and its mirror
+    limits.check_fits(4 * 3 * args.image_size ** 2 * args.batch_size * views,
+                      f"a batch of {args.batch_size} images of {args.image_size}x{args.image_size}",
+                      "pass a smaller --batch-size or --image-size", DatasetError)
     source = open_source(args)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -137,7 +141,6 @@ def run(args) -> dict:
     loader = DataLoader(_Pixels(source, args.image_size, args.random_flip), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     n = len(source)
-    views = 2 if args.random_flip else 1  # the image, and its mirror
     means = stds = None
     labels = torch.empty(n, dtype=torch.int64)
     i = 0
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         info = run(args)
-    except (DatasetError, OSError) as e:  # OSError: unreadable images, a full disk
+    except (ValueError, OSError) as e:  # DatasetError, a bad output path; OSError: unreadable images, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {info['num_images']} latents of shape {'x'.join(map(str, info['latent_shape']))} to {info['out']} "

@@ -138,6 +138,10 @@ def check_model_config(config: dict, path: str) -> None:
         if config[key] < 1:
             raise RunError(f"{path}: field {key} is {config[key]}, where a positive integer belongs; {fix}")
     data = config["data"]
+    for field, key in (("channels", "in_channels"), ("resolution", "input_size"), ("num_classes", "num_classes")):
+        if field in data and data[field] != config[key]:
+            raise RunError(f"{path}: field {key} is {config[key]!r} but the run's data had {field} "
+                           f"{data[field]!r} (data.{field}): the file was edited; {fix}")
     stats = data.get("stats")
     if not isinstance(stats, dict):
         raise RunError(f"{path}: field data.stats (the data's normalisation) is "
@@ -149,10 +153,6 @@ def check_model_config(config: dict, path: str) -> None:
                         and (key == "mean" or v > 0) for v in values)):
             raise RunError(f"{path}: field data.stats.{key} must be a list of {config['in_channels']} finite "
                            f"numbers{' > 0' if key == 'std' else ''} (one per channel), got {str(values)[:80]}; {fix}")
-    for field, key in (("channels", "in_channels"), ("resolution", "input_size"), ("num_classes", "num_classes")):
-        if field in data and data[field] != config[key]:
-            raise RunError(f"{path}: field {key} is {config[key]!r} but the run's data had {field} "
-                           f"{data[field]!r} (data.{field}): the file was edited; {fix}")
 
 
 def check_saved_args(saved: dict, parser, path: str) -> None:

@@ -287,8 +287,7 @@ def train(argv=None) -> str:
             # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
             # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
-        if getattr(args, "max_image_pixels", None) is not None:
-            data.set_max_image_pixels(args.max_image_pixels)
+        data.set_max_image_pixels(getattr(args, "max_image_pixels", None))
         dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes,
                                     vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
                                     image_column=args.image_column, label_column=args.label_column,
