@@ -432,6 +432,9 @@ class LatentDataset(_Base):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise DatasetError(f"latent folder {path}: {fn} must hold an N x C x H x W tensor, "
                                    f"got {_shape_str(t)}; re-run prepare_latents.py")
+        if self.means.shape[-1] != self.means.shape[-2]:  # found now, not by the first training step
+            raise DatasetError(f"latent folder {path}: posterior_means.pt holds latents of {self.means.shape[-2]} x "
+                               f"{self.means.shape[-1]}; the model takes square latents: re-run prepare_latents.py")
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
             raise DatasetError(f"latent folder {path}: labels.pt must hold a 1-D integer tensor, got "
                                f"{labels.dtype} {tuple(labels.shape)}")

@@ -242,8 +242,30 @@ def _open_npz(p: Path):
     return z
 
 
+def check_array_header(z, key: str, p) -> None:
+    """What the header of member `key` claims (shape, dtype), checked before numpy allocates it: no more
+    bytes than the member holds, and no more than this machine's memory."""
+    import limits
+    try:
+        info = z.zip.getinfo(key + ".npy")
+        with z.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+        return  # (reading the array then names what is wrong)
+    if dtype.hasobject:
+        return
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > info.file_size:
+        raise FIDError(f"{p}: the header of '{key}' claims an array of shape {tuple(shape)} ({nbytes:,} bytes), but "
+                       f"the file holds {info.file_size:,}; it is damaged or not what it says")
+    limits.check_fits(nbytes, f"{p}: '{key}' of shape {tuple(shape)}", "evaluate fewer images at once", FIDError)
+
+
 def read_array(z, key: str, p) -> np.ndarray:
-    """z[key], with a cut or pickled member reported as one FIDError line."""
+    """z[key], with a cut or pickled member reported as one FIDError line (its header checked first)."""
+    check_array_header(z, key, p)
     try:
         return z[key]
     except ValueError as e:  # object arrays need pickle, which is never allowed here

@@ -164,6 +164,20 @@ def latent_stats(t, mean, std):
     return folder
 
 
+def latents_of_size(t, size, width=None):
+    folder = os.path.join(t, "lat")
+    os.makedirs(folder)
+    shape = (6, 4, size, width or size)
+    torch.save(torch.randn(shape), os.path.join(folder, "posterior_means.pt"))
+    torch.save(torch.rand(shape) + 0.1, os.path.join(folder, "posterior_stds.pt"))
+    torch.save(torch.tensor([0, 1, 2] * 2), os.path.join(folder, "labels.pt"))
+    return folder
+
+
+def non_square_latents(t):
+    return latents_of_size(t, 8, 16)
+
+
 def latent_incomplete(t, only_marker=False):
     """A latent folder as a kill between prepare_latents.py's first and last rename leaves it."""
     folder = os.path.join(t, "lat")
@@ -230,6 +244,21 @@ def with_garbage_image(t):
 def tiny_vae(t):
     from helpers import save_tiny_vae
     return save_tiny_vae(os.path.join(t, "vae"))
+
+
+def lying_npz(t, key="arr_0", shape=(10 ** 6, 512, 512, 3), descr="|u1"):
+    """An .npz of a few bytes whose member's header claims `shape` (numpy would allocate it all first)."""
+    import io
+    import zipfile
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": descr, "fortran_order": False, "shape": shape})
+    member.write(b"\0" * 64)
+    path = os.path.join(t, "lying.npz")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(key + ".npy", member.getvalue())
+        if key == "mu":
+            z.writestr("sigma.npy", member.getvalue())
+    return path
 
 
 def npz_images(t, name="ok.npz"):
@@ -400,6 +429,10 @@ LYING_FILES = {
         "train", lambda r, t: new_run("--data-path", latent_incomplete(t))(r, t), "is incomplete"),
     "train: latent folder of a marker and temporaries only": (
         "train", lambda r, t: new_run("--data-path", latent_incomplete(t, only_marker=True))(r, t), "is incomplete"),
+    "train: latents that are not square": (
+        "train", lambda r, t: new_run("--data-path", non_square_latents(t))(r, t), "square latents"),
+    "train: latents of a size the patch does not divide": (
+        "train", lambda r, t: new_run("--data-path", latents_of_size(t, 6))(r, t), "not divisible"),
     # image folders and image headers
     "train: an image folder with a symlink loop": (
         "train", lambda r, t: new_run("--data-path", with_loop(t), "--image-size", "8")(r, t), "symbolic-link loop"),
@@ -429,6 +462,12 @@ LYING_FILES = {
 }
 
 SIZES = {
+    "fid: an .npz whose header claims 786 GB": (
+        "eval.fid", lambda r, t: [lying_npz(t), npz_images(t)], "claims an array of shape (1000000, 512, 512, 3)"),
+    "evaluate: an .npz whose header claims 786 GB": (
+        "eval.evaluate", lambda r, t: [lying_npz(t), npz_images(t)], "claims an array of shape"),
+    "fid: statistics whose header claims 10**12 features": (
+        "eval.fid", lambda r, t: [npz_images(t), lying_npz(t, "mu", (10 ** 12,), "<f8")], "claims an array"),
     "sample --num-samples 10**12": (
         "sample", lambda r, t: ["--result-dir", r, "--num-samples", str(10 ** 12)], "--num-samples"),
     "sample --num-samples 10**10 of one class": (
