@@ -121,6 +121,9 @@ def read_checkpoint(path: str) -> dict:
                     "delete it, or restore it from a copy")
     except RunError as e:
         raise DamagedFileError(str(e)) from None
+    if ckpt["step"] < 0:
+        raise DamagedFileError(f"checkpoint {path} claims step {ckpt['step']}; it is damaged: delete it, or restore "
+                               f"it from a copy")
     bad = non_finite_entry({k: ckpt[k] for k in ("model", "ema", "opt")})
     if bad is not None:  # train.py never saves such a checkpoint (it stops at a non-finite loss)
         raise DamagedFileError(f"checkpoint {path} holds non-finite values (NaN or inf) in {bad}; it is damaged: "
@@ -490,7 +493,7 @@ LOCK_FILE = ".lock"
 TRAIN_FILES = ("config.json", "metrics.jsonl", "magnitudes.jsonl", "loss.png", "magnitudes.png", "wandb_id.txt")
 # Everything train.py writes in a run folder (files, and folders it writes into): none may be a link.
 TRAIN_WRITES = (LOCK_FILE, "log.txt", *TRAIN_FILES, "fid_during_training.jsonl", "fid_during_training.png",
-                "checkpoints", "ema", "tensorboard")
+                "checkpoints", "ema", "tensorboard", "wandb")
 
 
 def refuse_linked_entries(run_dir: str, names=TRAIN_WRITES) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import data
 import hf_data
+from atomic import interruptible
 from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, load_inception, resolve_device
@@ -70,6 +71,7 @@ def _is_complete(path: str) -> bool:
         return False
 
 
+@interruptible("no statistics were written")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True,

@@ -307,6 +307,8 @@ LINKS = {
     "train --resume: tensorboard/ a link": (
         "train", resume(lambda r, t: run_with_link(r, t, "tensorboard", os.path.dirname(outside(t)))),
         "tensorboard in "),
+    "train --resume: wandb/ a linked folder": (
+        "train", resume(lambda r, t: run_with_link(r, t, "wandb", os.path.dirname(outside(t)))), "wandb in "),
     "train --resume RUN/checkpoints/N.pt: log.txt a link": (
         "train", lambda r, t: ["--resume", os.path.join(run_with_link(r, t, "log.txt", outside(t)), "checkpoints",
                                                          "0000002.pt")], "log.txt in "),
@@ -414,6 +416,24 @@ LYING_FILES = {
     "resume: Adam state of fewer parameters": (
         "train", resume(lambda r, t: run_with_edited(r, t, "checkpoints/*.pt", adam_of_fewer_parameters)),
         "Adam state of"),
+    "resume: every checkpoint claims step -5": (
+        "train", resume(lambda r, t: run_with_edited(r, t, "checkpoints/*.pt", lambda c: c.update(step=-5))),
+        "claims step -5"),
+    "sample --guide: the guide's snapshot holds NaN": (
+        "sample", lambda r, t: ["--result-dir", r, "--cfg-scale", "2", "--guide", run_with_edited(
+            r, t, "ema/ema-0.050-0000002.pt", set_value(float("nan")))], "non-finite"),
+    "sample_fid --ckpt: its weights hold inf": (
+        "eval.sample_fid", lambda r, t: ["--result-dir", run_with_edited(r, t, "checkpoints/0000002.pt",
+                                                                         edit_ckpt("model", float("inf"))),
+                                         "--ckpt", "2", "--ref", "none", "--num-samples", "2"], "non-finite"),
+    "sample: config data.stats.std Infinity": (
+        "sample", lambda r, t: ["--result-dir", config_data_edited(r, t, stats={"mean": [0.0], "std": [float("inf")]})],
+        "data.stats.std"),
+    "resume: config data.stats.mean NaN": (
+        "train", resume(lambda r, t: config_data_edited(r, t, stats={"mean": [float("nan")], "std": [1.0]})),
+        "data.stats.mean"),
+    "sample: config data a list": (
+        "sample", lambda r, t: ["--result-dir", config_edited(r, t, data=[1, 2])], "'data'"),
     "resume: rng without its cpu state": (
         "train", resume(lambda r, t: run_with_edited(r, t, "checkpoints/*.pt", rng_without("cpu"))), "rng.cpu"),
     "resume: rng of floats": (
