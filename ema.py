@@ -50,8 +50,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from atomic import (atomic_path, atomic_torch_save, atomic_write_text, check_output_dir,  # atomic_torch_save re-exported
-                    check_output_file, interruptible, load_torch_file, non_finite_entry, refuse_links,
+from atomic import (atomic_path, atomic_torch_save, atomic_write_text,  # atomic_torch_save re-exported
+                    check_output_dir, check_output_file, interruptible, load_torch_file, non_finite_entry, refuse_links,
                     remove_stale_temporaries_of)
 
 __all__ = [

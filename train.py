@@ -42,9 +42,9 @@ RUN_DEFINING = ["model", "data_path", "image_size", "vae", "random_flip", "split
 MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
-RESUMABLE = ["num_steps", "log_every", "max_image_pixels", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
+RESUMABLE = ["num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
-             *during_training.RESUMABLE, *logs.RESUMABLE]
+             "max_image_pixels", *during_training.RESUMABLE, *logs.RESUMABLE]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +250,8 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     config_path = os.path.join(run_dir, "config.json")
     try:
         runs.check_saved_args(saved, parser, config_path)
-        runs.check_model_config(config, config_path)
+        if saved.get("vae"):  # the run's data record is reused (its latent statistics): it must be whole
+            runs.check_model_config(config, config_path)
     except RunError as e:
         raise TrainingError(str(e)) from e
     explicit = given_options(argv)

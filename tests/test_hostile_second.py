@@ -351,8 +351,9 @@ LYING_FILES = {
         "train", resume(lambda r, t: config_args_edited(r, t, use_all_mp="yes")), "args.use_all_mp"),
     "resume: config args.ema_stds a list of strings": (
         "train", resume(lambda r, t: config_args_edited(r, t, ema_stds=["0.05"])), "args.ema_stds"),
-    "resume: config data without stats": (
-        "train", resume(lambda r, t: config_data_edited(r, t, stats=None)), "data.stats"),
+    "ema --export: config data without stats": (
+        "ema", lambda r, t: ["--result-dir", config_data_edited(r, t, stats=None), "--ema-std", "0.05", "--export",
+                             os.path.join(t, "w.pt")], "data.stats"),
     "sample: config data without stats": (
         "sample", lambda r, t: ["--result-dir", config_data_edited(r, t, stats=None)], "data.stats"),
     "sample: config data.stats.std of zeros": (
@@ -429,9 +430,10 @@ LYING_FILES = {
     "sample: config data.stats.std Infinity": (
         "sample", lambda r, t: ["--result-dir", config_data_edited(r, t, stats={"mean": [0.0], "std": [float("inf")]})],
         "data.stats.std"),
-    "resume: config data.stats.mean NaN": (
-        "train", resume(lambda r, t: config_data_edited(r, t, stats={"mean": [float("nan")], "std": [1.0]})),
-        "data.stats.mean"),
+    "sample_fid: config data.stats.mean NaN": (
+        "eval.sample_fid", lambda r, t: ["--result-dir", config_data_edited(r, t, stats={"mean": [float("nan")],
+                                                                                         "std": [1.0]}),
+                                         "--ref", "none", "--num-samples", "2"], "data.stats.mean"),
     "sample: config data a list": (
         "sample", lambda r, t: ["--result-dir", config_edited(r, t, data=[1, 2])], "'data'"),
     "resume: rng without its cpu state": (
