@@ -801,6 +801,9 @@ def check_args(args) -> None:
                          f"which this train.py does not have; leave the rung out")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: the cores divided among the runs), got {args.threads}")
+    for name, value in (("--cfg-scale", args.cfg_scale), ("--lr", args.lr), *(("--lr-grid", v) for v in args.lr_grid)):
+        if value is not None and not (math.isfinite(value) and (name == "--cfg-scale" or value > 0)):
+            raise ValueError(f"{name} must be a finite number{'' if name == '--cfg-scale' else ' > 0'}, got {value}")
     for name in ("num_steps", "seeds", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

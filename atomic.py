@@ -153,3 +153,155 @@ def load_torch_file(path, what: str = "file"):
         detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise DamagedFileError(f"{what} {path} is damaged ({reason}: {detail}); delete it, or restore it from "
                                f"a copy") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# A folder received from someone else must not be able to make a tool write outside it: the files a tool
+# writes are opened without following a symbolic link (O_NOFOLLOW), and the tool first refuses a folder
+# whose entries it writes are links (one line naming the entry, before any work). Atomic writes replace
+# a link instead of following it, but a linked sub-folder (checkpoints/ -> elsewhere) would still receive
+# them: refuse_links checks the folders too.
+
+
+class LinkError(ValueError):
+    """An entry of a run folder that a tool would write is a symbolic link: reported as one line."""
+
+
+def nofollow_opener(path, flags):
+    """`open(path, mode, opener=nofollow_opener)`: fails with ELOOP where `path` itself is a symbolic link."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
+def refuse_links(folder, names) -> None:
+    """LinkError if `folder`'s entry `name` (for each of `names`), or for a folder entry anything inside
+    it, is a symbolic link. `folder` itself may be a link (where the user keeps it is the user's choice)."""
+    folder = os.fspath(folder)
+    for name in names:
+        path = os.path.join(folder, name)
+        found = path if os.path.islink(path) else None
+        if found is None and os.path.isdir(path):
+            for d, dirs, files in os.walk(path):  # (os.walk never descends into linked folders)
+                linked = [n for n in sorted(dirs + files) if os.path.islink(os.path.join(d, n))]
+                if linked:
+                    found = os.path.join(d, linked[0])
+                    break
+        if found is not None:
+            raise LinkError(f"{os.path.relpath(found, folder)} in {folder} is a symbolic link (to "
+                            f"{os.readlink(found)}); a tool never writes through a link out of the folder: "
+                            f"replace the link by a copy of what it points to, or remove it")
+
+
+def check_output_file(path, option: str) -> None:
+    """A file a tool will write at the end, checked before the work (ValueError, one line): not a folder,
+    not under a file, in a folder it may write (created if missing)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; pass the path of a file to write")
+    if os.path.islink(path):
+        raise LinkError(f"{option} {path} is a symbolic link (to {os.readlink(path)}); pass a plain path")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), option, named=path)
+
+
+def check_output_dir(folder, option: str, named=None) -> None:
+    """A folder a tool will write into (created if missing), checked before the work: the nearest existing
+    ancestor must be a folder this process may write (or the folder itself exists and is writable)."""
+    folder = os.path.abspath(os.fspath(folder))
+    named = folder if named is None else named
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{option} {named}: a file stands where a folder should be ({existing})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {named}: the folder {existing} is not writable (read-only); pass a path in "
+                         f"a folder you may write")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM in the tools that run long: one line, the partial outputs removed (atomic_path
+# removes its temporary on any exception), exit status 128 + the signal.
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException: `except Exception` blocks let it through)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.code = 128 + signum
+        self.name = "Ctrl-C" if signum == 2 else signal_name(signum)
+
+    def message(self, tool_said: str = "nothing was written") -> str:
+        return f"error: interrupted ({self.name}); {tool_said}"
+
+
+def signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise Interrupted (in the main thread; elsewhere a no-op)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def remove_stale_temporaries_of(paths) -> None:
+    """Remove the temporaries that killed atomic writes of `paths` left next to them (call it where no
+    other process writes those paths)."""
+    for path in paths:
+        folder, prefix = os.path.dirname(os.path.abspath(path)), temp_prefix(path)
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(prefix) and TEMP_RE.match(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(folder, name))
+
+
+def non_finite_entry(obj, where: str = "") -> str | None:
+    """The path ("model/blocks.0.attn.weight") of the first floating tensor in nested dicts and lists `obj`
+    that holds a NaN or an inf; None when all are finite. Weights loaded from a file are checked with it:
+    a NaN in a snapshot would otherwise sample black images without a word."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        finite = not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        return None if finite else (where or "a tensor")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_entry(value, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def interruptible(said: str = "nothing was written"):
+    """Decorates a tool's `main(argv) -> int`: SIGINT and SIGTERM end it with one line ("error: interrupted
+    (SIGTERM); " + `said`) and exit status 128 + the signal; atomic writes under way remove their temporaries."""
+    import functools
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                with signals_interrupt():
+                    return main(*args, **kwargs)
+            except Interrupted as e:
+                import sys
+                print(e.message(said), file=sys.stderr, flush=True)
+                return e.code
+        return run
+    return wrap

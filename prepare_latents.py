@@ -37,8 +37,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import hf_data
-from atomic import atomic_path, torch_save_file
-from data import DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, DatasetError, load_vae, mixture_stats, open_image_source
+import limits
+from atomic import (LinkError, atomic_path, atomic_write_text, check_output_dir, interruptible, refuse_links,
+                    remove_stale_temporaries_of, torch_save_file)
+from data import (DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, LATENT_INCOMPLETE, DatasetError, FolderSource, load_vae,
+                  mixture_stats, open_image_source, set_max_image_pixels)
 from vae_data import encode_posterior, resolve_vae_name
 
 
@@ -90,6 +93,8 @@ def parse_args(argv=None):
                         "--random-flip; twice the encoding time and the disk")
     hf_data.add_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace latent files already in --out")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images whose header claims more pixels (default: PIL's 89,478,485)")
     return p.parse_args(argv)
 
 
@@ -103,18 +108,31 @@ def open_source(args):
 
 
 def run(args) -> dict:
+    set_max_image_pixels(args.max_image_pixels)
     if args.image_size <= 0:
         raise DatasetError(f"--image-size must be positive, got {args.image_size}")
     if args.batch_size <= 0:
         raise DatasetError(f"--batch-size must be positive, got {args.batch_size}")
+    views = 2 if args.random_flip else 1  # the image, and its mirror
+    limits.check_fits(4 * 3 * args.image_size ** 2 * args.batch_size * views,
+                      f"a batch of {args.batch_size} images of {args.image_size}x{args.image_size}",
+                      "pass a smaller --batch-size or --image-size", DatasetError)
     source = open_source(args)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise DatasetError(f"--out {out} is a file; pass a folder")
     names = LATENT_FILES + (LATENT_FLIP_FILES if args.random_flip else ())
-    existing = [fn for fn in names if os.path.exists(os.path.join(out, fn))]
+    existing = [fn for fn in names + (LATENT_INCOMPLETE,) if os.path.lexists(os.path.join(out, fn))]
     if existing and not args.overwrite:
         raise DatasetError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    if os.path.isdir(out):
+        try:  # written by replacing (never through a link), but a linked file would mislead whoever reads it
+            refuse_links(out, [*names, "meta.json", LATENT_INCOMPLETE])
+        except LinkError as e:
+            raise DatasetError(str(e)) from None
+    check_output_dir(out, "--out")
+    if isinstance(source, FolderSource):
+        source.check_headers()  # a file that is no image is found now, not at 75 % of the encoding
     device = _device(args.device)
     vae_name = resolve_vae_name(args.vae)
     vae = load_vae(vae_name, device)
@@ -124,7 +142,6 @@ def run(args) -> dict:
     loader = DataLoader(_Pixels(source, args.image_size, args.random_flip), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     n = len(source)
-    views = 2 if args.random_flip else 1  # the image, and its mirror
     means = stds = None
     labels = torch.empty(n, dtype=torch.int64)
     i = 0
@@ -150,6 +167,8 @@ def run(args) -> dict:
         "class_names": source.class_names,
     }
     os.makedirs(out, exist_ok=True)
+    files = [fn for fn in (*names, "meta.json")]
+    remove_stale_temporaries_of([os.path.join(out, fn) for fn in (*files, LATENT_INCOMPLETE)])  # of a killed run
     items = [
         ("posterior_means.pt", means[0], False),
         ("posterior_stds.pt", stds[0], False),
@@ -159,7 +178,10 @@ def run(args) -> dict:
         ("meta.json", meta, True),
     ]
     # All files or none: each is written to a temporary file, and all are renamed at the end, in list
-    # order (the stack renames the last entered first), meta.json last.
+    # order (the stack renames the last entered first), meta.json last. The INCOMPLETE marker lands before
+    # the first rename and goes after the last, so a folder killed between them is refused by every reader
+    # (data.LatentDataset) instead of training on files of two different encodings, or without meta.json.
+    marker = os.path.join(out, LATENT_INCOMPLETE)
     with contextlib.ExitStack() as stack:
         for fn, obj, is_json in reversed(items):
             tmp = stack.enter_context(atomic_path(os.path.join(out, fn)))
@@ -168,15 +190,23 @@ def run(args) -> dict:
                     f.write(json.dumps(obj, indent=2) + "\n")
             else:
                 torch_save_file(obj.contiguous() if isinstance(obj, torch.Tensor) else obj, tmp)
+        atomic_write_text(marker, "prepare_latents.py is writing this folder; if it is still here, it was "
+                                  "interrupted: re-run it with --overwrite\n")
+    os.remove(marker)
+    with contextlib.suppress(OSError):  # the removal on disk too
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     return {"out": out, "num_images": n, "latent_shape": list(means.shape[2:]),
             "stats": {k: [float(v) for v in t] for k, t in stats.items()}}
 
 
+@interruptible("no latent folder was completed: --out is as it was, or marked INCOMPLETE (refused by readers)")
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         info = run(args)
-    except (DatasetError, OSError) as e:  # OSError: unreadable images, a full disk
+    except (ValueError, OSError) as e:  # DatasetError, a bad output path; OSError: unreadable images, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {info['num_images']} latents of shape {'x'.join(map(str, info['latent_shape']))} to {info['out']} "

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,8 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from atomic import (TEMP_RE, DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file, sync_files,
-                    temp_prefix)
+from atomic import (TEMP_RE, DamagedFileError, LinkError, atomic_torch_save, atomic_write_text, load_torch_file,
+                    non_finite_entry, nofollow_opener, refuse_links, sync_files, temp_prefix)
 from ema import reconstruct_ema
 from logs import RateWindow, Trackers, format_rates
 from models import DiT, build_model
@@ -71,7 +72,7 @@ CHECKPOINT_KEYS = {"model": dict, "ema": dict, "opt": dict, "lr_scheduler": dict
 def append_jsonl(path: str, record: dict) -> None:
     """One JSON record per line. After a line cut short (a crash or a full disk mid-append) it starts a new
     line, so that only the cut line is lost (read_jsonl skips it)."""
-    with open(path, "ab+") as f:
+    with open(path, "ab+", opener=nofollow_opener) as f:  # (a linked log never appends outside the run)
         if f.seek(0, os.SEEK_END):
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
@@ -120,7 +121,72 @@ def read_checkpoint(path: str) -> dict:
                     "delete it, or restore it from a copy")
     except RunError as e:
         raise DamagedFileError(str(e)) from None
+    if ckpt["step"] < 0:
+        raise DamagedFileError(f"checkpoint {path} claims step {ckpt['step']}; it is damaged: delete it, or restore "
+                               f"it from a copy")
+    bad = non_finite_entry({k: ckpt[k] for k in ("model", "ema", "opt")})
+    if bad is not None:  # train.py never saves such a checkpoint (it stops at a non-finite loss)
+        raise DamagedFileError(f"checkpoint {path} holds non-finite values (NaN or inf) in {bad}; it is damaged: "
+                               f"delete it, or restore it from a copy")
     return ckpt
+
+
+def check_model_config(config: dict, path: str) -> None:
+    """RunError (one line naming the file and the field) unless config.json's fields that rebuild the model
+    and its data normalisation have their types, and agree with each other: an edited input_size would
+    otherwise sample images of a size the model never saw."""
+    fix = "restore the file train.py wrote"
+    _check_keys(config, MODEL_KEYS, f"{path} is not a train.py run config", fix)
+    for key in ("num_classes", "in_channels", "input_size"):
+        if config[key] < 1:
+            raise RunError(f"{path}: field {key} is {config[key]}, where a positive integer belongs; {fix}")
+    data = config["data"]
+    for field, key in (("channels", "in_channels"), ("resolution", "input_size"), ("num_classes", "num_classes")):
+        if field in data and data[field] != config[key]:
+            raise RunError(f"{path}: field {key} is {config[key]!r} but the run's data had {field} "
+                           f"{data[field]!r} (data.{field}): the file was edited; {fix}")
+    stats = data.get("stats")
+    if not isinstance(stats, dict):
+        raise RunError(f"{path}: field data.stats (the data's normalisation) is "
+                       f"{'missing' if stats is None else 'a ' + type(stats).__name__}; {fix}")
+    for key in ("mean", "std"):
+        values = stats.get(key)
+        if not (isinstance(values, list) and len(values) == config["in_channels"]
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        and (key == "mean" or v > 0) for v in values)):
+            raise RunError(f"{path}: field data.stats.{key} must be a list of {config['in_channels']} finite "
+                           f"numbers{' > 0' if key == 'std' else ''} (one per channel), got {str(values)[:80]}; {fix}")
+
+
+def check_saved_args(saved: dict, parser, path: str) -> None:
+    """RunError (one line naming the file and the field) where a run's recorded option (config.json's
+    "args") has not the type its option gives: a string where a number belongs, a number where a list does."""
+    for action in parser._actions:
+        if action.dest not in saved or action.dest == "help":
+            continue
+        value, kind = saved[action.dest], action.type
+        if value is None and action.default is None:
+            continue
+        if action.nargs == 0:
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            def fits(v):
+                if kind is int:
+                    return isinstance(v, int) and not isinstance(v, bool)
+                if kind is float:
+                    return isinstance(v, (int, float)) and not isinstance(v, bool)
+                return isinstance(v, str)
+            want = {int: "an integer", float: "a number"}.get(kind, "a string")
+            if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+                ok = isinstance(value, list) and all(fits(v) for v in value)
+                want = f"a list of {want.split(' ', 1)[1]}s"
+            else:
+                ok = fits(value)
+            if ok and action.choices is not None:
+                ok, want = value in action.choices, f"one of {', '.join(map(str, action.choices))}"
+        if not ok:
+            raise RunError(f"{path}: field args.{action.dest} is {json.dumps(value)[:60]}, where {want} belongs; "
+                           f"restore the file train.py wrote")
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -168,8 +234,7 @@ def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int
     Returns (model, config, a short description of the weights).
     """
     config = load_run_config(run_dir)
-    _check_keys(config, MODEL_KEYS, f"{os.path.join(run_dir, 'config.json')} is not a train.py run config",
-                "restore the file train.py wrote")
+    check_model_config(config, os.path.join(run_dir, "config.json"))
     model = model_from_config(config)
     if ckpt_step is not None:
         ckpt_step, path = find_checkpoint(run_dir, ckpt_step)
@@ -187,6 +252,10 @@ def load_run_model(run_dir: str, *, ema_std: float | None = 0.05, ckpt_step: int
         state, info = reconstruct_ema(os.path.join(run_dir, "ema"), ema_std, step=step)
         what = f"post-hoc EMA σ_rel={ema_std:g} at step {info['step']}"
         source = f"the EMA snapshots in {os.path.join(run_dir, 'ema')}"
+    bad = non_finite_entry(state)
+    if bad is not None:  # (each snapshot and checkpoint was checked; a sum of huge values can still overflow)
+        raise RunError(f"the weights from {source} hold non-finite values (NaN or inf) in {bad}; they cannot "
+                       f"sample")
     load_weights(model, state, source)
     return model.to(device).eval(), config, what
 
@@ -248,6 +317,12 @@ def with_vae(config: dict, run_dir: str, given: str | None = None) -> dict:
     if config.get("data", {}).get("kind") != "latent":
         return config
     return {**config, "data": {**config["data"], "vae": run_vae(config, run_dir, given)}}
+class NoFollowFileHandler(logging.FileHandler):
+    """A log file opened without following a symbolic link (see atomic.refuse_links)."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=nofollow_opener)
 
 
 def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
@@ -261,7 +336,7 @@ def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
     if run_dir:
-        handlers.append(logging.FileHandler(os.path.join(run_dir, "log.txt")))
+        handlers.append(NoFollowFileHandler(os.path.join(run_dir, "log.txt")))
     for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
@@ -448,6 +523,17 @@ LOCK_FILE = ".lock"
 # train.py's own files at the top of the run folder (the other writers, sample.py and ema.py, write to
 # sub-folders of their own).
 TRAIN_FILES = ("config.json", "metrics.jsonl", "magnitudes.jsonl", "loss.png", "magnitudes.png", "wandb_id.txt")
+# Everything train.py writes in a run folder (files, and folders it writes into): none may be a link.
+TRAIN_WRITES = (LOCK_FILE, "log.txt", *TRAIN_FILES, "fid_during_training.jsonl", "fid_during_training.png",
+                "checkpoints", "ema", "tensorboard", "wandb")
+
+
+def refuse_linked_entries(run_dir: str, names=TRAIN_WRITES) -> None:
+    """RunError (one line) where an entry of the run folder that a tool writes is a symbolic link."""
+    try:
+        refuse_links(run_dir, names)
+    except LinkError as e:
+        raise RunError(str(e)) from None
 
 
 class RunLock:
@@ -462,7 +548,7 @@ class RunLock:
 
     def take(self, run_dir: str) -> None:
         import fcntl
-        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

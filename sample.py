@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 import data
-from atomic import atomic_path
+import limits
+from atomic import LinkError, atomic_path, check_output_dir, check_output_file, interruptible, refuse_links
 from diffusion import sample_images
 from diffusion.sampling import SAMPLERS, check_guidance_interval
 from fast_paths import apply_fast_paths, frozen_weights
@@ -264,6 +265,7 @@ def generate(model, config: dict, labels: torch.Tensor, *, cfg_scale: float, num
     return np.concatenate(out)
 
 
+@interruptible("no image was written")  # (the PNG is written atomically at the end: nothing partial is left)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -272,6 +274,7 @@ def main(argv=None) -> int:
         if args.num_samples < 1:
             raise RunError(f"--num-samples must be at least 1, got {args.num_samples}")
         device = resolve_device(args.device)
+        check_output(args.output, args.run_dir, "samples")  # found now, not after all the sampling
         model, config, what = load_run_model(args.run_dir, ema_std=None if args.ckpt is not None else args.ema_std,
                                              ckpt_step=args.ckpt, step=args.step, device=device)
         config = with_vae(config, args.run_dir, args.vae)
@@ -283,6 +286,7 @@ def main(argv=None) -> int:
         if bad:
             raise RunError(f"class label {bad[0]} is out of range: this run has {num_classes} classes "
                            f"(0..{num_classes - 1})")
+        check_sample_count(len(classes) * args.num_samples, config)
         labels = torch.tensor(classes, device=device).repeat_interleave(args.num_samples)
         print(f"sampling {len(labels)} images of classes {classes} with {what}, cfg {args.cfg_scale:g}"
               f"{', ' + guide_what if guide else ''}, {args.num_sampling_steps} {args.sampler} steps, on {device}")
@@ -299,6 +303,26 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_output(output: str | None, run_dir: str, sub: str, option: str = "--output") -> None:
+    """The output file (`option`, else the run's `sub` folder) checked before the work: not a folder, in a
+    folder this process may write, and never through a link out of the run folder."""
+    if output is not None:
+        check_output_file(output, option)
+    elif os.path.isdir(run_dir):
+        try:
+            refuse_links(run_dir, [sub])
+        except LinkError as e:
+            raise RunError(str(e)) from None
+        check_output_dir(os.path.join(run_dir, sub), "the run folder's", named=os.path.join(run_dir, sub))
+
+
+def check_sample_count(n: int, config: dict) -> None:
+    """Refuses, before any allocation, a number of samples whose images alone cannot fit in memory."""
+    size = config["input_size"] * (8 if config["data"].get("kind") == "latent" else 1)  # (the VAE's 8x)
+    limits.check_fits(n * (3 * size * size + 8), f"{n:,} samples of {size}x{size}",
+                      "pass a smaller --num-samples (or fewer --class-label)", RunError)
 
 
 if __name__ == "__main__":

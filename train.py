@@ -22,13 +22,15 @@ import torch.distributed as dist
 
 import data
 import hf_data
+import limits
 import logs
 import runs
 import training
+from atomic import Interrupted as StartupInterrupted, signals_interrupt
 from cli import Parser
 from diffusion import create_diffusion
 from eval import during_training
-from models import MODEL_NAMES
+from models import MODEL_NAMES, MODEL_SIZES
 from mp_layers import MPConfig
 from runs import RunError, list_checkpoints, load_run_config
 from training import COMPILE_MODES, TrainingError
@@ -43,7 +45,7 @@ DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 # Options that may be changed when resuming.
 RESUMABLE = ["vae", "num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
              "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
-             *during_training.RESUMABLE, *logs.RESUMABLE]
+             "max_image_pixels", *during_training.RESUMABLE, *logs.RESUMABLE]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
     hf_data.add_arguments(p)
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images whose header claims more pixels (default: PIL's 89,478,485)")
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders (RESULTS/NNN-MODEL)")
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
                    help="one of " + ", ".join(MODEL_NAMES))
@@ -208,8 +212,22 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     for std in args.ema_stds:
         if not 0 < std < 0.2887:
             raise TrainingError(f"--ema-stds value {std} is outside (0, 0.2887)")
+    check_sizes(args, local)
     during_training.check_arguments(args)
     logs.check_arguments(args, TrainingError)
+
+
+def check_sizes(args: argparse.Namespace, local_batch: int, channels: int = 1, resolution: int | None = None) -> None:
+    """Sizes that cannot fit in memory, refused before anything is allocated (lower bounds: a batch of
+    `channels` x `resolution`² float32 inputs, one class-embedding table of the model's width)."""
+    size = resolution or args.image_size or 1
+    limits.check_fits(4 * channels * size * size * (args.batch_gpu or local_batch),
+                      f"a batch of {args.batch_gpu or local_batch} inputs of {channels}x{size}x{size}",
+                      "pass a smaller --batch-size (or --batch-gpu) or --image-size", TrainingError)
+    if args.num_classes is not None:
+        width = MODEL_SIZES[args.model.removeprefix("DiT-").split("/")[0]][1]
+        limits.check_fits(4 * (args.num_classes + 1) * width, f"a class table of {args.num_classes} classes",
+                          "pass the number of classes of the data as --num-classes (or leave it out)", TrainingError)
 
 
 def given_options(argv) -> set[str]:
@@ -238,6 +256,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
         raise TrainingError(f"--resume folder not found: {run_dir}")
     try:
         config = load_run_config(run_dir)
+        runs.refuse_linked_entries(run_dir)  # before the lock, the log or a checkpoint is opened for writing
     except RunError as e:
         raise TrainingError(str(e)) from e
     if not list_checkpoints(run_dir):
@@ -248,6 +267,13 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     if missing:
         raise TrainingError(f"{os.path.join(run_dir, 'config.json')} lacks the option(s) {', '.join(missing)} of "
                             f"the run; restore the file train.py wrote")
+    config_path = os.path.join(run_dir, "config.json")
+    try:
+        runs.check_saved_args(saved, parser, config_path)
+        if saved.get("vae"):  # the run's data record is reused (its latent statistics): it must be whole
+            runs.check_model_config(config, config_path)
+    except RunError as e:
+        raise TrainingError(str(e)) from e
     explicit = given_options(argv)
     conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k) and k not in MP_OPTIONS]
     if explicit & set(MP_OPTIONS) and MPConfig.from_args(args) != MPConfig.from_dict(config["mp"]):
@@ -284,12 +310,14 @@ def train(argv=None) -> str:
             # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
             # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
+        data.set_max_image_pixels(getattr(args, "max_image_pixels", None))
         dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes,
                                     vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
                                     image_column=args.image_column, label_column=args.label_column,
                                     recorded=resumed_config["data"] if resumed_config else None)
         if args.num_workers is None:  # (recorded in config.json as chosen, so a resume keeps it)
             args.num_workers = default_num_workers(dataset)
+        check_sizes(args, args.batch_size // world_size, dataset.channels, dataset.resolution)
         state = training.build_state(args, dataset, mp, device)
         fid_reference, reference_seconds = during_training.resolve_reference(args, dataset, rank, world_size)
         notes = []  # said once the run folder's log exists
@@ -373,12 +401,16 @@ def train(argv=None) -> str:
 
 def main(argv=None) -> int:
     try:
-        train(argv)
+        with signals_interrupt():  # (during training, StopSignal takes both signals: it saves, then stops)
+            train(argv)
+    except Interrupted as e:
+        return e.code
+    except StartupInterrupted as e:  # a signal before training began
+        print(f"error: interrupted ({e.name}) during start-up; nothing was trained", file=sys.stderr)
+        return e.code
     except (TrainingError, data.DatasetError, ValueError, OSError) as e:  # OSError: unusable folders, full disks
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        return e.code
     except KeyboardInterrupt:  # Ctrl-C before training began (once it has, Ctrl-C stops it cleanly)
         print("error: interrupted (Ctrl-C) during start-up; nothing was trained", file=sys.stderr)
         return 130

@@ -256,7 +256,46 @@ def resume_from(state: TrainState, ckpt: dict, path: str, model_name: str, devic
     if ckpt["args"].get("model") != model_name:
         raise TrainingError(f"checkpoint {path} holds a {ckpt['args'].get('model')}, not {model_name}")
     runs.load_weights(state.model, ckpt["model"], f"checkpoint {path}")  # a mismatch: one line of what differs
+    check_checkpoint_state(state, ckpt, path)
     state.load_state_dict(ckpt, device)
+
+
+def check_checkpoint_state(state: TrainState, ckpt: dict, path: str) -> None:
+    """TrainingError (one line naming the file) where the checkpoint's EMAs, Adam moments or RNG state do not
+    fit this run: loading them would fail with a traceback, or broadcast a tensor of another shape silently."""
+    def bad(what):
+        return TrainingError(f"checkpoint {path} {what}; it is damaged or from another run: delete it, or "
+                             f"restore it from a copy")
+
+    shapes = {n: p.shape for n, p in state.model.named_parameters()}
+    emas = ckpt["ema"]
+    for std, ema in emas.items():
+        if not isinstance(ema, dict):
+            raise bad(f"holds an EMA (σ_rel {std}) that is not a state dict")
+        for name, t in ema.items():
+            if name in shapes and (not isinstance(t, torch.Tensor) or t.shape != shapes[name]):
+                raise bad(f"holds an EMA (σ_rel {std}) of {name} of shape {_shape(t)}, where the model's is "
+                          f"{tuple(shapes[name])}")
+    live = [p for g in state.opt.param_groups for p in g["params"]]
+    saved_groups = ckpt["opt"].get("param_groups")
+    saved_state = ckpt["opt"].get("state")
+    if not (isinstance(saved_groups, list) and isinstance(saved_state, dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups)):
+        raise bad("holds no Adam state (opt.param_groups, opt.state)")
+    saved = [i for g in saved_groups for i in g["params"]]
+    if len(saved) != len(live):
+        raise bad(f"holds Adam state of {len(saved)} parameters, where the model has {len(live)}")
+    for i, p in zip(saved, live):
+        for key, t in (saved_state.get(i) or {}).items():
+            if key in ("exp_avg", "exp_avg_sq") and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
+                raise bad(f"holds Adam's {key} of shape {_shape(t)} for a parameter of shape {tuple(p.shape)}")
+    rng = ckpt["rng"].get("cpu")
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+        raise bad("holds no usable random-number state (rng.cpu)")
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from atomic import atomic_path  # noqa: E402
+from atomic import atomic_path, check_output_file, interruptible  # noqa: E402
 from cli import Parser  # noqa: E402
 from eval.fid import (  # noqa: E402
     FIDError,
@@ -281,11 +281,15 @@ def check_device(arg: str):
     return dev
 
 
+@interruptible("no file was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+        for option, path in (("--json", args.json), ("--save-ref", args.save_ref)):
+            if path:  # found now, not after both Inception passes
+                check_output_file(path, option)
         device = check_device(args.device)
         samples, reference = read_set(args.samples), read_set(args.reference)
         if samples.images is None:

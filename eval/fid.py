@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `eval` importable from th
 import numpy as np
 import scipy.linalg
 
-from atomic import atomic_path  # noqa: E402
+from atomic import atomic_path, check_output_file, interruptible  # noqa: E402
 from eval.inception import (  # noqa: E402
     InceptionFeatureExtractor,
     InceptionWeightsError,
@@ -244,8 +244,30 @@ def _open_npz(p: Path):
     return z
 
 
+def check_array_header(z, key: str, p) -> None:
+    """What the header of member `key` claims (shape, dtype), checked before numpy allocates it: no more
+    bytes than the member holds, and no more than this machine's memory."""
+    import limits
+    try:
+        info = z.zip.getinfo(key + ".npy")
+        with z.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+        return  # (reading the array then names what is wrong)
+    if dtype.hasobject:
+        return
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > info.file_size:
+        raise FIDError(f"{p}: the header of '{key}' claims an array of shape {tuple(shape)} ({nbytes:,} bytes), but "
+                       f"the file holds {info.file_size:,}; it is damaged or not what it says")
+    limits.check_fits(nbytes, f"{p}: '{key}' of shape {tuple(shape)}", "evaluate fewer images at once", FIDError)
+
+
 def read_array(z, key: str, p) -> np.ndarray:
-    """z[key], with a cut or pickled member reported as one FIDError line."""
+    """z[key], with a cut or pickled member reported as one FIDError line (its header checked first)."""
+    check_array_header(z, key, p)
     try:
         return z[key]
     except ValueError as e:  # object arrays need pickle, which is never allowed here
@@ -460,11 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@interruptible("no file was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.save_stats:  # found now, not after the Inception pass
+            check_output_file(args.save_stats, "--save-stats")
         try:
             dev = resolve_device(args.device)
         except RuntimeError as e:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import hf_data
+from atomic import interruptible
 from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, load_inception, resolve_device
@@ -124,6 +125,7 @@ def _is_complete(path: str) -> bool:
         return False
 
 
+@interruptible("no statistics were written")
 def main(argv=None) -> int:
     from cli import Parser
     p = Parser(description=__doc__)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from atomic import atomic_path
+from atomic import atomic_path, check_output_file, interruptible
 from eval.evaluate import (METRICS, check_set, evaluate, feature_dims, featurize, format_table, images_set,
                            read_set, small_sample_warning)
 from eval.fid import FIDError
@@ -40,8 +40,8 @@ from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, 
 from fast_paths import apply_fast_paths
 from runs import RunError, append_jsonl, find_checkpoint, load_run_model, with_vae
 from cli import Parser
-from sample import (add_sampling_arguments, check_sampling_args, generate, load_guide, precision_tag,
-                    resolve_run_dir, sampling_tag)
+from sample import (add_sampling_arguments, check_output, check_sample_count, check_sampling_args, generate,
+                    load_guide, precision_tag, resolve_run_dir, sampling_tag)
 from training import setup_distributed
 
 
@@ -132,10 +132,12 @@ def run(args) -> dict | None:
     rank, world_size, device = setup_distributed(None)
     if args.ckpt_ema and args.ckpt is None:
         raise FIDError("--ckpt-ema needs --ckpt STEP (the checkpoint whose tracked EMA to use)")
+    check_output(args.out, args.run_dir, "fid", "--out")  # found now, not after the sampling
     model, config, what = load_run_model(args.run_dir, ema_std=args.ema_std, ckpt_step=args.ckpt,
                                          step=args.step, device=device, ckpt_ema=args.ckpt_ema)
     config = with_vae(config, args.run_dir, args.vae)
     apply_fast_paths(model)
+    check_sample_count(args.num_samples, config)
     guide, guide_what = load_guide(args.guide, args, args.run_dir, config, device) if args.guide else (None, "")
     extractor = reference = None
     if rank == 0:  # the reference and the Inception before the long sampling (a cached reference computed once)
@@ -158,18 +160,23 @@ def run(args) -> dict | None:
                       batch_size=args.batch_size, device=device, progress=rank == 0 and not args.no_progress, precision=args.precision,
                       compile=args.compile, eta=args.ddim_eta, guide=guide, guidance_interval=args.guidance_interval)
     part = f"{out}.part{rank}.npy"
-    with atomic_path(part) as tmp:
-        np.save(tmp, images)
-    if world_size > 1:
-        dist.barrier()
+    try:
+        with atomic_path(part) as tmp:
+            np.save(tmp, images)
+        if world_size > 1:
+            dist.barrier()
+        if rank == 0:
+            parts = [f"{out}.part{r}.npy" for r in range(world_size)]
+            all_images = np.concatenate([np.load(p) for p in parts])
+            with atomic_path(out, suffix=".npz") as tmp:
+                np.savez(tmp, arr_0=all_images)
+    finally:  # the parts are whole, but only the .npz is an output: an interruption leaves none behind
+        if rank == 0 or world_size == 1:
+            for p in [f"{out}.part{r}.npy" for r in range(world_size)]:
+                if os.path.exists(p):
+                    os.remove(p)
     result = None
     if rank == 0:
-        parts = [f"{out}.part{r}.npy" for r in range(world_size)]
-        all_images = np.concatenate([np.load(p) for p in parts])
-        with atomic_path(out, suffix=".npz") as tmp:
-            np.savez(tmp, arr_0=all_images)
-        for p in parts:
-            os.remove(p)
         elapsed = time.perf_counter() - start
         print(f"wrote {out} ({len(all_images)} images, {len(all_images) / elapsed:.1f} img/s)")
         if reference is not None:
@@ -194,6 +201,7 @@ def run(args) -> dict | None:
     return result
 
 
+@interruptible("no statistics or images were written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
