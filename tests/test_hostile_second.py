@@ -690,11 +690,13 @@ def test_a_signal_inside_the_write_of_an_export_leaves_no_file(run, tmp_path, ca
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_prepare_latents_encodes(tmp_path, capsys, monkeypatch, signum):
+def test_a_signal_while_prepare_latents_encodes(tmp_path, capsys, monkeypatch, request, signum):
     import diffusers
     import prepare_latents
     monkeypatch.setattr(diffusers.utils.logging, "_default_handler", None)  # (bound to an earlier test's stderr)
+    verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
+    request.addfinalizer(lambda: diffusers.utils.logging.set_verbosity(verbosity))  # (later tests read warnings)
     signal_during(monkeypatch, prepare_latents, "encode_posterior", signum)
     t = str(tmp_path)
     argv = ["--data-path", image_folder(t), "--out", os.path.join(t, "o"), "--vae", tiny_vae(t), "--device", "cpu"]
