@@ -6,7 +6,9 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/design.md", "benchmarks/RESULTS.md"]
+# The user guide, every page of docs/ (each tool's reference, the design) and the results.
+DOCS = ["README.md", "benchmarks/RESULTS.md"] + sorted(
+    os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
 
 CODE_SPAN = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -70,6 +72,14 @@ def test_every_link_of_a_doc_reaches_its_file_and_heading(doc):
             broken.append(f"{link} (no heading)")
     assert not broken, f"{doc} has broken links: {broken}"
 
+
+def test_every_page_of_docs_is_checked_and_linked_from_the_readme():
+    """README is the way in: a reference page it does not link is one no user finds."""
+    pages = {doc for doc in DOCS if doc.startswith("docs/")}
+    assert {"docs/design.md", "docs/train.md", "docs/sample.md"} <= pages
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        linked = {link.partition("#")[0] for link in LINK.findall(f.read())}
+    assert not sorted(pages - linked), f"docs pages README does not link: {sorted(pages - linked)}"
 
 def test_the_path_check_catches_a_missing_file():
     text = "See `benchmarks/no_such_file.py`, `train.py` and `python eval/fid.py A B`; `results/000/log.txt`."
