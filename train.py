@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="with --compile: torch.compile's mode (default: default); reduce-overhead replays CUDA "
                         "graphs, which removes the kernel-launch cost that bounds small models (measured on one "
-                        "GPU; see README)")
+                        "GPU; see docs/train.md)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR|CKPT",
                    help="continue a run from its newest checkpoint, or from the checkpoint file given "

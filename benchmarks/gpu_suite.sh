@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's tables, in one command (about 13 minutes on an H200), the most
-# important first. Every step has a time limit (T1..T5 seconds, from the environment) and writes its own
-# files, so a cut-short run keeps what it finished:
+# The GPU measurements behind benchmarks/RESULTS.md's tables, in one command (about 13 minutes on an H200),
+# the most important first. Every step has a time limit (T1..T5 seconds, from the environment) and writes
+# its own files, so a cut-short run keeps what it finished:
 #   1. bench.py, bf16 + torch.compile with CUDA graphs (--compile-mode reduce-overhead): switches none vs all
 #      eight, DiT-XS/2 and DiT-S/4 on 4x16x16, DiT-B/2 on 4x32x32, batch 256;
 #   2. the same with torch.compile's default mode;

@@ -1,12 +1,15 @@
 """The documentation stays true to the repository: the paths it names exist, its links reach their
 files and headings, and no file points to a design document outside the repository."""
+import importlib
 import os
 import re
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/design.md", "benchmarks/RESULTS.md"]
+# The user guide, every page of docs/ (each tool's reference, the design) and the results.
+DOCS = ["README.md", "benchmarks/RESULTS.md"] + sorted(
+    os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
 
 CODE_SPAN = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -70,6 +73,40 @@ def test_every_link_of_a_doc_reaches_its_file_and_heading(doc):
             broken.append(f"{link} (no heading)")
     assert not broken, f"{doc} has broken links: {broken}"
 
+
+def test_every_page_of_docs_is_checked_and_linked_from_the_readme():
+    """README is the way in: a reference page it does not link is one no user finds."""
+    pages = {doc for doc in DOCS if doc.startswith("docs/")}
+    assert {"docs/design.md", "docs/train.md", "docs/sample.md"} <= pages
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        linked = {link.partition("#")[0] for link in LINK.findall(f.read())}
+    assert not sorted(pages - linked), f"docs pages README does not link: {sorted(pages - linked)}"
+
+# Each tool and the docs/ page that is its full reference (README gives the most used options only).
+TOOL_PAGES = [("train", "docs/train.md"), ("sample", "docs/sample.md"), ("ema", "docs/ema.md"),
+              ("prepare_latents", "docs/prepare_latents.md"), ("ablate", "docs/ablate.md"),
+              ("plots", "docs/ablate.md"), ("bench", "docs/bench.md"), ("eval.sample_fid", "docs/evaluate.md"),
+              ("eval.evaluate", "docs/evaluate.md"), ("eval.fid", "docs/evaluate.md"),
+              ("eval.ref_stats", "docs/evaluate.md")]
+
+
+def help_options(module: str, capsys) -> set[str]:
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    return set(re.findall(r"^ {2}(?:-\w, )?(--[a-z0-9-]+)", capsys.readouterr().out, re.M)) - {"--help"}
+
+
+@pytest.mark.parametrize("module,page", TOOL_PAGES)
+def test_every_option_of_a_tool_is_named_on_its_reference_page(module, page, capsys):
+    options = help_options(module, capsys)
+    assert options, f"{module} --help: no option parsed, the check would prove nothing"
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        text = f.read()
+    if module == "train":  # the eight switches are README's table, which docs/train.md links
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            text += f.read()
+    missing = sorted(o for o in options if not re.search(re.escape(o) + r"(?![\w-])", text))
+    assert not missing, f"{page} does not name these options of {module}: {missing}"
 
 def test_the_path_check_catches_a_missing_file():
     text = "See `benchmarks/no_such_file.py`, `train.py` and `python eval/fid.py A B`; `results/000/log.txt`."
