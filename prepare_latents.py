@@ -36,13 +36,13 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import hf_data
 import limits
 from atomic import (LinkError, atomic_path, atomic_write_text, check_output_dir, interruptible, refuse_links,
                     remove_stale_temporaries_of, torch_save_file)
-from data import (DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, LATENT_INCOMPLETE, DatasetError, FolderSource, load_vae,
-                  mixture_stats, open_image_source, set_max_image_pixels)
-from vae_data import encode_posterior, resolve_vae_name
+import data.hf
+from data import (DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, LATENT_INCOMPLETE, DatasetError, FolderSource,
+                  encode_posterior, load_vae, mixture_stats, open_image_source, resolve_vae_name,
+                  set_max_image_pixels)
 
 
 class _Pixels(Dataset):
@@ -91,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--random-flip", action="store_true",
                    help="also store the posteriors of the mirrored images (posterior_*_flip.pt) for train.py "
                         "--random-flip; twice the encoding time and the disk")
-    hf_data.add_arguments(p)
+    data.hf.add_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace latent files already in --out")
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="refuse images whose header claims more pixels (default: PIL's 89,478,485)")
@@ -99,7 +99,7 @@ def parse_args(argv=None):
 
 
 def open_source(args):
-    """The images to encode (data.FolderSource or hf_data.HFSource), checked before the VAE loads."""
+    """The images to encode (data.FolderSource or data.HFSource), checked before the VAE loads."""
     source = open_image_source(args.data_path, split=args.split, image_column=args.image_column,
                                label_column=args.label_column)
     if source is None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import data
-import hf_data
+import data.hf
 import limits
 import logs
 import runs
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-flip", action="store_true",
                    help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
                         "mirrored posteriors of prepare_latents.py --random-flip)")
-    hf_data.add_arguments(p)
+    data.hf.add_arguments(p)
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="refuse images whose header claims more pixels (default: PIL's 89,478,485)")
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders (RESULTS/NNN-MODEL)")

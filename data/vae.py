@@ -1,4 +1,5 @@
-"""Images encoded by a VAE as training reads them (DiT's route): ``train.py --data-path IMAGES --vae NAME``.
+"""The VAE: loading it (``load_vae``), decoding samples to pixels, and images encoded by it as training reads
+them (DiT's route, ``train.py --data-path IMAGES --vae NAME``).
 
 A loader worker reads an item as (the ADM centre crop of the image in [-1, 1], mirrored when its flip
 coin says so; the posterior noise ``eps``; the label); the training process encodes the batch on its
@@ -21,9 +22,73 @@ import os
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from data import (LATENT_SCALE, DatasetError, _Base, _check_labels, flip_coin, load_vae, mixture_stats, normalize,
-                  spaced_subset)
+from data.base import BaseDataset, DatasetError, check_labels, flip_coin
+from data.latents import DEFAULT_VAE, LATENT_SCALE
+from data.stats import denormalize, mixture_stats, normalize, spaced_subset
+
+# diffusers' default (a low-memory load) needs `accelerate`, not a dependency here; without it diffusers loads
+# the ordinary way after a five-line notice at every load. Asking for the ordinary way is the same, silently.
+QUIET_LOAD = {"low_cpu_mem_usage": False}
+
+
+def load_vae(vae_name_or_path: str, device: str | torch.device = "cpu"):
+    """``diffusers.AutoencoderKL`` from a local folder (``save_pretrained``) or a hub name, in eval mode.
+
+    Hub names are looked up in the local cache first (no network); only then online. Any failure becomes a
+    one-line :class:`DatasetError`.
+    """
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise DatasetError("decoding latents needs diffusers; install it with `pip install diffusers`") from e
+    name = str(vae_name_or_path)
+    local = os.path.expanduser(name)
+    looks_local = os.path.isabs(local) or name.startswith((".", "~")) or os.path.exists(local)
+    try:
+        if looks_local:
+            if not os.path.isdir(local):
+                raise DatasetError(f"VAE folder not found: {name}; pass (--vae) a folder written by "
+                                   f"AutoencoderKL.save_pretrained or a hub name such as {DEFAULT_VAE}")
+            vae = AutoencoderKL.from_pretrained(local, **QUIET_LOAD)
+        else:
+            try:
+                vae = AutoencoderKL.from_pretrained(name, local_files_only=True, **QUIET_LOAD)
+            except Exception:  # noqa: BLE001 - not cached: try the hub (fails fast offline)
+                vae = AutoencoderKL.from_pretrained(name, **QUIET_LOAD)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DatasetError(f"cannot load VAE {name!r} ({type(e).__name__}: {msg}); its weights are not in the "
+                           f"local Hugging Face cache and this machine may be offline: pass a local folder saved "
+                           f"with AutoencoderKL.save_pretrained, or fill the cache (HF_HUB_OFFLINE=1 fails fast)") from e
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_latents(vae, z_normalised: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Denormalise with the dataset stats, then ``vae.decode(z).sample`` -> pixels (about [-1, 1], unclamped).
+
+    Latents are stored raw (reference format, no 0.18215 factor), so there is no ``/ 0.18215`` here.
+    """
+    p = next(vae.parameters())
+    z = denormalize(z_normalised.to(p.device, torch.float32), stats)
+    return vae.decode(z.to(p.dtype)).sample.float()
+
+
+def decode_samples(x: torch.Tensor, info: dict, vae=None) -> torch.Tensor:
+    """Model-space samples -> pixels in about [-1, 1], given a ``describe()`` dict.
+
+    Pixel sets are denormalised; latent sets are decoded with ``vae`` (loaded from ``info["vae"]`` if None).
+    """
+    if info.get("kind") == "latent":
+        if vae is None:
+            vae = load_vae(info.get("vae") or DEFAULT_VAE, x.device)
+        return decode_latents(vae, x, info["stats"])
+    return denormalize(x.float(), info["stats"])
+
 
 VAE_STATS_MAX_IMAGES = 1_000
 ENCODE_BATCH = 32  # images per encoder call when estimating the statistics
@@ -44,8 +109,8 @@ def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return dist.mean.float(), dist.std.float()
 
 
-class VAELatentDataset(_Base):
-    """An image source (data.FolderSource, hf_data.HFSource) in a VAE's latent space, encoded on the fly.
+class VAELatentDataset(BaseDataset):
+    """An image source (data.folders.FolderSource, data.hf.HFSource) in a VAE's latent space, encoded on the fly.
 
     ``loader_item`` is what a loader worker reads (pixels, eps, label); ``model_batch`` encodes a batch of
     them on the VAE's device; ``dataset[idx]`` is one item encoded alone (the magnitude probe, tests).
@@ -66,7 +131,7 @@ class VAELatentDataset(_Base):
         self.labels, self.class_names = source.labels, source.class_names
         if num_classes is None and self.class_names:
             num_classes = len(self.class_names)
-        self.num_classes = _check_labels(self.labels, num_classes, source.where)  # before the VAE loads
+        self.num_classes = check_labels(self.labels, num_classes, source.where)  # before the VAE loads
         self.vae = resolve_vae_name(vae)
         self._vae = load_vae(self.vae, device)
         first_mean, _ = encode_posterior(self._vae, source.pixels(0, self.image_size)[None])
@@ -83,7 +148,6 @@ class VAELatentDataset(_Base):
         self.stats = {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
 
     def _estimate_stats(self, max_images: int) -> dict[str, list[float]]:
-        from tqdm import tqdm
         idx = spaced_subset(len(self.source), max_images)
         means, stds = [], []
         for start in tqdm(range(0, len(idx), ENCODE_BATCH), desc="latent statistics", unit="batch",

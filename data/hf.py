@@ -2,7 +2,7 @@
 ``benjamin-paine/imagenet-1k-128x128``) or a local copy (a ``save_to_disk`` folder, or any folder that
 ``datasets.load_dataset`` reads).
 
-``HFSource`` offers what data.FolderSource offers (labels, class names, ``pixels(idx, image_size)``), so
+``HFSource`` offers what data.folders.FolderSource offers (labels, class names, ``pixels(idx, image_size)``), so
 the pixel and the on-the-fly VAE datasets and prepare_latents.py read either. The split and the image
 and label columns are chosen by name (``--split``, ``--image-column``, ``--label-column``); all three
 are checked when the source opens, before any image is decoded or any VAE loaded, and a wrong one is
@@ -19,7 +19,8 @@ import torch
 
 from PIL import Image
 
-from data import DatasetError, image_tensor, too_large
+from data.base import DatasetError
+from data.images import image_tensor, too_large
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
