@@ -123,7 +123,7 @@ def test_ema_cli_writes_posthoc_files(run_dir, tmp_path):
     want, _ = ema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.08)
     for k, v in want.items():
         assert torch.equal(saved["state"][k], v), k
-    assert "0.080" in r.stdout or "0.08" in r.stdout
+    assert f"wrote {out / f'posthoc-0.080-{NUM_STEPS:07d}.pt'} (sigma_rel 0.080, " in r.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
