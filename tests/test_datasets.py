@@ -228,7 +228,7 @@ def test_restricted_unpickler():
     assert b"system" in evil
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         D.restricted_numpy_loads(evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global gzip.open"):
         D.restricted_numpy_loads(pickle.dumps(gzip.open))
 
 

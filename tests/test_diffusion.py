@@ -495,9 +495,9 @@ def test_invalid_arguments_raise_clear_errors():
     for bad in (0, 1001, -5, 2.5):
         with pytest.raises(ValueError, match="num_steps"):
             sample_images(model, [0], (1, 2, 2), cfg_scale=1.0, num_steps=bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot take 1200 steps out of a section of 1000"):
         space_timesteps(1000, "1200")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot take exactly 300 steps out of 1000"):
         space_timesteps(1000, "ddim300")  # no integer stride gives exactly 300 steps
     with pytest.raises(ValueError, match="model output"):
         create_diffusion("").training_losses(lambda x, t: x, torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]))

@@ -67,7 +67,7 @@ def test_invalid_std(bad):
 
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
 def test_invalid_gamma(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
         E.gamma_to_std(bad)
 
 
@@ -142,9 +142,9 @@ def test_wrappers_state_dict_and_dtypes():
     other = E.PowerEMA(torch.nn.Linear(4, 2), stds=(0.05,))
     other.load_state_dict({k: {n: t.clone() for n, t in v.items()} for k, v in sd.items()})
     assert torch.equal(flat(other.ema_state(0.05)), flat(pe.ema_state(0.05)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"holds sigma_rel \[0.05\], this PowerEMA tracks \[0.1\]"):
         E.PowerEMA(torch.nn.Linear(4, 2), stds=(0.10,)).load_state_dict(sd)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="step must be an integer >= 1"):
         pe.update(m, 0)
 
     # a bf16 model still gets an fp32 EMA

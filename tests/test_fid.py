@@ -156,7 +156,7 @@ def test_frechet_retries_with_offset_then_raises_on_large_imaginary(monkeypatch)
 
 
 def test_frechet_shape_errors_and_statistics():
-    with pytest.raises(FIDError):
+    with pytest.raises(FIDError, match=r"mean vectors have different or invalid shapes: \(3,\) vs \(4,\)"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(FIDError, match="positive semi-definite"):
         frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2), method="eigh")
@@ -214,9 +214,9 @@ def test_preprocess_range_and_layout():
     assert x.shape == (2, 3, 299, 299) and x.dtype == torch.float32
     assert torch.all(x[0] == 255 / 128 - 1)  # 0.9921875, the TF graph's (x - 128) / 128
     assert torch.all(x[1, 0] == -1) and torch.all(x[1, 1] == 0) and torch.all(x[1, 2] == -1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="images must be uint8"):
         ex.preprocess(img.astype(np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"images must be N×H×W×3, got shape \(2, 3, 4, 4\)"):
         ex.preprocess(np.zeros((2, 3, 4, 4), np.uint8))
 
 
@@ -269,12 +269,12 @@ def test_load_images_npz_gray_folder_and_stats(tmp_path):
     np.savez(tmp_path / "bad.npz", foo=rgb)
     with pytest.raises(FIDError, match="neither"):
         load_source(tmp_path / "bad.npz")
-    with pytest.raises(FIDError):
+    with pytest.raises(FIDError, match="no 'mu'/'sigma' statistics in this .npz"):
         load_statistics(tmp_path / "g.npz")
     with pytest.raises(FIDError, match="uint8"):
         np.savez(tmp_path / "f.npz", rgb.astype(np.float32))
         load_images(tmp_path / "f.npz")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*missing.npz"):
         load_source(tmp_path / "missing.npz")
     Image.fromarray(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)).save(folder / "e.png")
     with pytest.raises(FIDError, match="differ in size"):

@@ -9,6 +9,7 @@ The harness and the shared run are tests/test_hostile.py's.
 
     python -m pytest -q tests/test_hostile_second.py
 """
+import errno
 import hashlib
 import json
 import os
@@ -741,12 +742,11 @@ def test_a_tool_never_follows_a_link_where_it_writes_a_file(tmp_path):
     os.symlink(target, tmp_path / "metrics.jsonl")
     os.symlink(target, tmp_path / ".lock")
     os.symlink(target, tmp_path / "log.txt")
-    with pytest.raises(OSError):
-        runs.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
-    with pytest.raises(OSError):
-        runs.RunLock(str(tmp_path))
-    with pytest.raises(OSError):
-        runs.setup_logging(str(tmp_path), 0)
+    for write in (lambda: runs.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1}),
+                  lambda: runs.RunLock(str(tmp_path)), lambda: runs.setup_logging(str(tmp_path), 0)):
+        with pytest.raises(OSError) as refused:
+            write()
+        assert refused.value.errno == errno.ELOOP  # O_NOFOLLOW refused the link (not some other failure)
     assert open(target).read() == before
 
 
