@@ -348,8 +348,12 @@ def test_guide_run_of_another_shape_is_refused_before_sampling(run_dir, tmp_path
 
 
 def test_a_guide_trained_on_other_data_is_taken_with_a_warning(run_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sample, "generate", lambda model, config, labels, **kw: np.zeros((len(labels), 16, 16, 3),
-                                                                                       np.uint8))
+    guides = []
+
+    def generate(model, config, labels, **kw):
+        guides.append(kw["guide"])
+        return np.zeros((len(labels), 16, 16, 3), np.uint8)
+    monkeypatch.setattr(sample, "generate", generate)
     other = tmp_path / "mnist-run"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("samples", "fid"))
     config = json.loads((other / "config.json").read_text())
@@ -359,6 +363,7 @@ def test_a_guide_trained_on_other_data_is_taken_with_a_warning(run_dir, tmp_path
                         "--num-samples", "1", "--output", str(tmp_path / "g.png")]) == 0
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"warning: --guide {other} was trained on mnist, this run on digits")
+    assert len(guides) == 1 and isinstance(guides[0], torch.nn.Module)  # sampled with the guide, not without
     assert (tmp_path / "g.png").exists()
 
 
