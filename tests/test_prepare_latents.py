@@ -115,10 +115,10 @@ def test_prepare_errors(tmp_path, tiny_vae_dir, capsys):
         return rc, err
 
     rc, err = run("--data-path", str(tmp_path / "missing"), "--vae", tiny_vae_dir)
-    assert rc == 2 and "not found" in err
+    assert rc == 2 and err.startswith(f"error: data path not found: {tmp_path / 'missing'} (expected ")
     (tmp_path / "empty").mkdir()
     rc, err = run("--data-path", str(tmp_path / "empty"), "--vae", tiny_vae_dir)
-    assert rc == 2 and "empty" in err
+    assert rc == 2 and err.startswith(f"error: data folder {tmp_path / 'empty'} is empty; ")  # (not just the name)
     _images(tmp_path / "imgs", per_class=1, classes=("a",))
     rc, err = run("--data-path", str(tmp_path / "imgs"), "--vae", str(tmp_path / "no-vae"))
     assert rc == 2 and "VAE folder not found" in err
