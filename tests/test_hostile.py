@@ -85,11 +85,13 @@ def run_main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def assert_one_error_line(code, out, err, needle):
+    """`needle`: the words the line must hold, or a tuple of them (the problem, and the input it names)."""
     assert code not in (0, None), f"exit code {code}\n{out}\n{err}"
     assert "Traceback" not in err, err
     lines = [ln for ln in (out + err).splitlines() if "error:" in ln]
     assert len(lines) == 1, out + err
-    assert needle in lines[0], lines[0]
+    for words in needle if isinstance(needle, tuple) else (needle,):
+        assert words in lines[0], lines[0]
 
 
 def linked_copy(run_dir, dest):
@@ -251,7 +253,7 @@ TRAIN = {
     "device cuda:99": (new_run("--device", "cuda:99"), "--device cuda:99"),
     "data-path missing": (lambda r, t: new_run("--data-path", os.path.join(t, "nope"))(r, t), "not found"),
     "data-path a text file": (lambda r, t: new_run("--data-path", write(os.path.join(t, "d.txt"), "x"))(r, t),
-                              "d.txt"),
+                              "d.txt is a file; pass a latent folder"),
     "results-dir a file": (lambda r, t: [*FAST, "--num-steps", "2", "--results-dir",
                                          write(os.path.join(t, "results"), "x")], "is a file"),
     "one stray label of 10^6": (lambda r, t: new_run("--data-path", latents(os.path.join(t, "lat"),
@@ -382,7 +384,8 @@ PLOTS = {
 }
 
 FID = {
-    "a missing": (lambda r, t: [os.path.join(t, "a.npz"), os.path.join(t, "b.npz")], "a.npz"),
+    "a missing": (lambda r, t: [os.path.join(t, "a.npz"), os.path.join(t, "b.npz")],
+                  ("no such file or folder: ", "a.npz")),
     "only one path": (lambda r, t: [os.path.join(t, "a.npz")], "required"),
     "batch-size 0": (lambda r, t: [t, t, "--batch-size", "0"], "--batch-size"),
     "method unknown": (lambda r, t: [t, t, "--method", "svd"], "invalid choice"),
@@ -392,7 +395,8 @@ FID = {
     "string statistics": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "strings.npz")], "must be numbers"),
     "garbage file": (lambda r, t: [write(os.path.join(t, "g.npz"), "garbage"), bad_npz(t, "ok.npz")],
                      "not a readable .npz"),
-    "device bogus": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--device", "bogus"], "bogus"),
+    "device bogus": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--device", "bogus"],
+                     "--device bogus: "),
 }
 
 EVALUATE = {
@@ -409,7 +413,8 @@ EVALUATE = {
 
 SAMPLE_FID = {
     "result-dir missing": (lambda r, t: ["--result-dir", os.path.join(t, "nope")], "not found"),
-    "ref missing": (lambda r, t: ["--result-dir", r, "--ref", os.path.join(t, "ref.npz")], "ref.npz"),
+    "ref missing": (lambda r, t: ["--result-dir", r, "--ref", os.path.join(t, "ref.npz")],
+                    ("reference not found: ", "ref.npz")),
     "num-samples 1": (lambda r, t: ["--result-dir", r, "--num-samples", "1", "--ref", "none"], "--num-samples"),
     "ckpt truncated": (lambda r, t: ["--result-dir", damaged_run(r, t, "checkpoints/0000002.pt", "truncated"),
                                      "--ckpt", "2", "--ref", "none"], "is damaged"),
@@ -439,7 +444,7 @@ REF_STATS = {
 
 PREPARE = {
     "data-path missing": (lambda r, t: ["--data-path", os.path.join(t, "nope"), "--out", os.path.join(t, "o")],
-                          "nope"),
+                          ("data path not found: ", "nope")),
     "image-size 0": (lambda r, t: ["--data-path", t, "--out", os.path.join(t, "o"), "--image-size", "0"],
                      "--image-size must be positive"),
     "batch-size 0": (lambda r, t: ["--data-path", t, "--out", os.path.join(t, "o"), "--batch-size", "0"],
