@@ -478,7 +478,7 @@ LYING_FILES = {
                                          "--max-image-pixels", "0"], "--max-image-pixels must be positive"),
     "prepare_latents: a file that is no image, found before encoding": (
         "prepare_latents", lambda r, t: ["--data-path", with_garbage_image(t), "--out", os.path.join(t, "o"),
-                                         "--vae", tiny_vae(t)], "zz-broken.png"),
+                                         "--vae", tiny_vae(t)], ("cannot read image ", "zz-broken.png")),
     "prepare_latents: a latent folder left INCOMPLETE, without --overwrite": (
         "prepare_latents", lambda r, t: ["--data-path", image_folder(t), "--out", latent_incomplete(t)],
         "INCOMPLETE"),
