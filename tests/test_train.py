@@ -5,6 +5,7 @@ Everything trains DiT-XS/8 on the built-in digits (1x16x16, 10 classes: 4 tokens
 CPU core at batch 8) for a handful of steps.  Real processes are started with subprocess (and killed
 with real signals); the cheap error paths call `train.main` in this process.
 """
+import dataclasses
 import json
 import shutil
 import os
@@ -27,6 +28,7 @@ import train  # noqa: E402
 from helpers import only_run  # noqa: E402
 import training  # noqa: E402
 from models import build_model  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 
 MODEL = "DiT-XS/8"
@@ -38,6 +40,11 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
+
+def options(*argv):
+    """The TrainConfig of a train.py command line."""
+    return TrainConfig.from_args(train.build_parser().parse_args(argv))
 
 
 def run_train(args, timeout=240, **kw):
@@ -591,8 +598,8 @@ def test_resume_can_set_an_option_back_to_its_default(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "0000002.pt").write_bytes(b"")
-    args = train.fill_defaults(train.build_parser().parse_args([*FAST, "--keep-checkpoints", "2", "--lr", "1e-2"]))
-    (run / "config.json").write_text(json.dumps({"args": vars(args), "model": MODEL, "mp": MPConfig().to_dict(),
+    cfg = options(*FAST, "--keep-checkpoints", "2", "--lr", "1e-2")
+    (run / "config.json").write_text(json.dumps({"args": cfg.to_dict(), "model": MODEL, "mp": MPConfig().to_dict(),
                                                  "data": {}, "num_classes": 10, "in_channels": 1, "input_size": 16}))
     assert train.resolve_args(["--resume", str(run)])[0].keep_checkpoints == 2
     assert train.resolve_args(["--resume", str(run), "--keep-checkpoints", "0"])[0].keep_checkpoints == 0
@@ -614,9 +621,8 @@ def test_disk_plan_counts_the_files_still_to_write(start, snapshots, checkpoints
     """1000 steps, snapshots of two profiles every 4 steps and at the end; checkpoints at 300, 600, 900 and
     1000, of which 2 are kept (3 at the peak: the newest is written before the oldest goes). Snapshots are
     fp16, checkpoints fp32 weights + 2 Adam moments + 2 EMAs."""
-    args = train.fill_defaults(train.build_parser().parse_args(
-        ["--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2"]))
-    need, account = runs.disk_plan(args, n_params=1000, start_step=start)
+    cfg = options("--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2")
+    need, account = runs.disk_plan(cfg, n_params=1000, start_step=start)
     assert need == snapshots * 1000 * 2 + checkpoints * 1000 * 4 * 5
     assert account.startswith(f"{snapshots} EMA snapshots") and f"and {checkpoints} checkpoint(s)" in account
 
@@ -666,17 +672,16 @@ def test_lr_factor_matches_design(W, D):
 @pytest.mark.parametrize("steps, every, snapshots", [(5, 1, 5), (40, 4, 10), (2000, 200, 10), (20_000, 1000, 20),
                                                      (100_000, 1000, 100), (400_000, 1600, 250)])
 def test_default_snapshot_spacing_is_one_per_thousand_steps_between_10_and_250_a_run(steps, every, snapshots):
-    args = train.fill_defaults(train.build_parser().parse_args(["--num-steps", str(steps)]))
-    assert args.ema_snapshot_every == every
+    assert options("--num-steps", str(steps)).ema_snapshot_every == every
     assert runs.saves_between(0, steps, every) == snapshots
 
 
 def test_the_readme_example_plans_under_a_gigabyte():
     """python train.py --model DiT-XS/2 --use-all-mp --num-steps 20000: 7.8 GB with the old steps//250."""
-    args = train.fill_defaults(train.build_parser().parse_args(["--use-all-mp", "--num-steps", "20000"]))
+    cfg = options("--use-all-mp", "--num-steps", "20000")
     n_params = sum(p.numel() for p in build_model("DiT-XS/2", in_channels=1, input_size=16, num_classes=10,
                                                   mp=MPConfig.all_on()).parameters())
-    need, account = runs.disk_plan(args, n_params, 0)
+    need, account = runs.disk_plan(cfg, n_params, 0)
     assert need < 1e9 and account.startswith("40 EMA snapshots")
 
 
@@ -695,8 +700,8 @@ def test_loader_processes_default_to_none_for_a_set_in_memory(tmp_path, monkeypa
 
 
 def test_lr_defaults_and_logged_schedule(tmp_path):
-    args = train.fill_defaults(train.build_parser().parse_args(["--num-steps", "1500"]))
-    assert (args.num_lin_warmup, args.start_decay) == (10, 150)
+    cfg = options("--num-steps", "1500")
+    assert (cfg.num_lin_warmup, cfg.start_decay) == (10, 150)
     # W = 0 and D = 0 train without error; the logged lr then stays the base lr.
     results = tmp_path / "results"
     assert train.main([*FAST, "--num-steps", "3", "--ckpt-every", "3", "--num-lin-warmup", "0", "--start-decay", "0",
@@ -879,9 +884,9 @@ def test_batch_gpu_must_divide_the_share_of_each_process(tmp_path, capsys):
 def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(switches):
     import copy
     from diffusion import create_diffusion
-    args = train.fill_defaults(train.build_parser().parse_args([*FAST, *switches]))
+    cfg = options(*FAST, *switches)
     torch.manual_seed(0)
-    base = build_model(MODEL, in_channels=1, input_size=16, num_classes=10, mp=MPConfig.from_args(args))
+    base = build_model(MODEL, in_channels=1, input_size=16, num_classes=10, mp=cfg.mp)
     diffusion = create_diffusion("")
     g = torch.Generator().manual_seed(1)
     x, noise = torch.randn(8, 1, 16, 16, generator=g), torch.randn(8, 1, 16, 16, generator=g)
@@ -890,8 +895,8 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(switches):
     grads = {}
     for name, checkpointing in (("plain", False), ("checkpointed", True)):
         model = copy.deepcopy(base).train()
-        args.grad_checkpointing = checkpointing
-        step_model = training.wrap_model(model, args, world_size=1, device=torch.device("cpu"))
+        step_model = training.wrap_model(model, dataclasses.replace(cfg, grad_checkpointing=checkpointing),
+                                         world_size=1, device=torch.device("cpu"))
         loss = diffusion.training_losses(step_model, x, t, model_kwargs={"y": y, "drop": drop}, noise=noise)["loss"]
         loss.mean().backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
