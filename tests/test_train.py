@@ -607,6 +607,92 @@ def test_resume_can_set_an_option_back_to_its_default(tmp_path):
         train.resolve_args(["--resume", str(run), "--lr", "1e-4"])
 
 
+# The config.json that train.py at a9696b4 (before TrainConfig) wrote for
+#   train.py [FAST] --num-steps 6 --ckpt-every 3 --use-all-mp
+# Its "args" are that parser's namespace: the switches as given (off) with "use_all_mp": true, and "resume".
+OLD_CONFIG = os.path.join(ROOT, "tests", "fixtures", "config_a9696b4.json")
+OLD_RUN = [*FAST, "--num-steps", "6", "--ckpt-every", "3", "--use-all-mp"]
+
+
+def test_a_run_folder_of_the_config_json_before_train_config_resumes_exactly(tmp_path):
+    old = json.load(open(OLD_CONFIG))
+    assert old["args"]["use_all_mp"] and not old["args"]["use_mp_silu"] and "resume" in old["args"]  # (that format)
+    assert train.main([*OLD_RUN, "--results-dir", str(tmp_path / "a")]) == 0
+    assert train.main([*OLD_RUN, "--results-dir", str(tmp_path / "b")]) == 0
+    run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
+    # Run B as a kill after its first checkpoint leaves it, with the old code's config.json.
+    os.remove(os.path.join(run_b, "checkpoints", "0000006.pt"))
+    shutil.copy(OLD_CONFIG, os.path.join(run_b, "config.json"))
+    assert train.main(["--resume", run_b]) == 0
+    a, b = load_ckpt(run_a), load_ckpt(run_b)
+    assert a["step"] == b["step"] == 6
+    assert_states_close(b["model"], a["model"], atol=0)
+    assert_emas_close(b["ema"], a["ema"], atol=0)
+    assert [m["loss"] for m in read_jsonl(os.path.join(run_b, "metrics.jsonl"))] == \
+        [m["loss"] for m in read_jsonl(os.path.join(run_a, "metrics.jsonl"))]
+
+
+def test_a_runs_config_json_as_config_trains_the_same_run(existing, tmp_path):
+    config = os.path.join(existing["run"], "config.json")
+    assert train.main(["--config", config, "--results-dir", str(tmp_path / "again")]) == 0
+    again = only_run(tmp_path / "again")
+    assert_states_close(load_ckpt(again)["model"], load_ckpt(existing["run"])["model"], atol=0)
+    args = {k: v for k, v in json.load(open(os.path.join(again, "config.json")))["args"].items() if k != "results_dir"}
+    assert args == {k: v for k, v in json.load(open(config))["args"].items() if k != "results_dir"}
+
+
+def test_a_flag_overrides_the_config_file(existing, tmp_path):
+    config = os.path.join(existing["run"], "config.json")
+    assert train.main(["--config", config, "--num-steps", "2", "--ckpt-every", "2",
+                       "--results-dir", str(tmp_path / "shorter")]) == 0
+    run = only_run(tmp_path / "shorter")
+    assert checkpoint_steps(run) == [2]
+    args = json.load(open(os.path.join(run, "config.json")))["args"]
+    assert (args["num_steps"], args["model"], args["lr"]) == (2, MODEL, 1e-3)  # the rest from the file
+
+
+def test_a_yaml_config_file_is_read_as_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("# a short run\nnum_steps: 7\nema_stds: [0.05]\nuse_all_mp: true\n")
+    cfg, _ = train.resolve_args(["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.num_steps, cfg.ema_stds, cfg.mp) == (7, (0.05,), MPConfig.all_on())
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"),
+    ("{num_steps: 3}", "is not valid JSON"),
+    ('["--num-steps", "3"]', "holds a list"),
+    ('{"num_step": 3}', "'num_step' is no option of train.py"),
+    ('{"num_steps": "3"}', "option num_steps is \"3\", where an integer belongs"),
+    ('{"ema_stds": 0.05}', "option ema_stds is 0.05, where a list of numbers belongs"),
+    ('{"precision": "fp8"}', "option precision is \"fp8\", where one of fp32, tf32, bf16 belongs"),
+    ('{"use_all_mp": "yes"}', "option use_all_mp is \"yes\", where true or false belongs"),
+], ids=["missing", "not-json", "not-a-dict", "unknown-option", "int-as-string", "number-for-list", "bad-choice",
+        "switch-as-string"])
+def test_a_bad_config_file_is_one_error_line_before_any_work(tmp_path, capsys, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    code, err = main_in_process(["--config", str(path), "--results-dir", str(tmp_path / "results")], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --config {path}") and message in err[0], err
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_option_a_later_train_py_dropped_is_ignored_on_resume_and_said(existing, tmp_path):
+    run = shutil.copytree(existing["run"], tmp_path / "run")
+    config = json.load(open(run / "config.json"))
+    config["args"]["old_option"] = 3
+    (run / "config.json").write_text(json.dumps(config))
+    cfg, resume = train.resolve_args(["--resume", str(run)])
+    assert cfg.num_steps == 3 and resume.notes == ["config.json's option old_option is no option of this train.py: "
+                                                   "ignored"]
+
+
+def test_the_config_round_trips_through_its_dict():
+    cfg = options(*FAST, "--use-all-mp", "--modulation", "gate+scale", "--ema-stds", "0.05", "0.1", "0.2",
+                  "--eval-every", "5", "--eval-ref-images", "all")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
 def test_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
     path = tmp_path / "fid.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, "fi')
