@@ -267,14 +267,20 @@ class TrainConfig:
         its default (the run predates it), a key of no option is ignored (`unknown_keys` names them: the run
         had an option since dropped, which therefore no longer acts). A value of the wrong kind is a
         ConfigError "{where}NAME is VALUE, where KIND belongs; {fix}"."""
-        for name, value in d.items():
-            want = cls._misfit(name, value)
-            if want:
-                raise ConfigError(f"{where}{name} is {json.dumps(value)[:60]}, where {want} belongs; {fix}")
+        cls.check_types(d, where=where, fix=fix)
         switches = {name: bool(d.get(name)) or (bool(d.get("use_all_mp")) and name in MPConfig.all_mp_names())
                     for name in MPConfig.switch_names()}
         mp = MPConfig(**switches, modulation=d.get("modulation", "adaln"))
         return cls(**{f.name: d[f.name] for f in cls.options() if f.name in d}, mp=mp)
+
+    @classmethod
+    def check_types(cls, d: dict, *, where: str = "option ", fix: str = "see python train.py --help") -> None:
+        """ConfigError "{where}NAME is VALUE, where KIND belongs; {fix}" for the first value of `d` that its
+        option cannot take (JSON's kinds: a string where a number belongs, a number where a list does)."""
+        for name, value in d.items():
+            want = cls._misfit(name, value)
+            if want:
+                raise ConfigError(f"{where}{name} is {json.dumps(value)[:60]}, where {want} belongs; {fix}")
 
     @classmethod
     def _misfit(cls, name: str, value) -> str | None:

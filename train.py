@@ -28,7 +28,7 @@ import runs
 import training
 from atomic import Interrupted as StartupInterrupted, signals_interrupt
 from cli import Parser
-from config import MP_KEYS, NOT_OPTIONS, ConfigError, TrainConfig, default_snapshot_spacing  # noqa: F401
+from config import MP_KEYS, NOT_OPTIONS, ConfigError, TrainConfig
 from diffusion import create_diffusion
 from eval import during_training
 from models import MODEL_SIZES
@@ -143,7 +143,7 @@ def read_config_file(path: str) -> dict:
     if unknown:
         raise ConfigError(f"--config {path}: {unknown[0]!r} is no option of train.py (see python train.py --help); "
                           f"correct or remove it")
-    TrainConfig.from_dict(options, where=f"--config {path}: option ", fix="correct the file")  # (the types)
+    TrainConfig.check_types(options, where=f"--config {path}: option ", fix="correct the file")
     return {k: v for k, v in options.items() if k not in NOT_OPTIONS}
 
 
@@ -157,10 +157,16 @@ def resolve_args(argv) -> tuple[TrainConfig, Resume | None]:
         from_file = read_config_file(args.config)
         parser.set_defaults(**from_file)  # the flags given still win
         args, given = parser.parse_args(argv), given | set(from_file)
-    if args.resume is None:
-        if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
-            raise TrainingError(f"--results-dir {args.results_dir} is a file; pass a folder (created if missing)")
-        return TrainConfig.from_args(args), None
+    if args.resume is not None:
+        return resume_config(args, given)
+    if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
+        raise TrainingError(f"--results-dir {args.results_dir} is a file; pass a folder (created if missing)")
+    return TrainConfig.from_args(args), None
+
+
+def resume_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConfig, Resume]:
+    """The options of the run --resume names: its own, with the options `given` that a resume may change
+    (TrainConfig's resumable fields); another given with a value other than the run's is an error."""
     run_dir, checkpoint = args.resume, None
     if os.path.isfile(run_dir):  # a checkpoint file, as DiT users pass them: that checkpoint, not the newest
         checkpoint = os.path.abspath(run_dir)

@@ -651,6 +651,14 @@ def test_a_flag_overrides_the_config_file(existing, tmp_path):
     assert (args["num_steps"], args["model"], args["lr"]) == (2, MODEL, 1e-3)  # the rest from the file
 
 
+def test_the_options_are_checked_together_once_the_flags_are_applied_to_the_file(tmp_path):
+    (tmp_path / "c.json").write_text('{"compile_mode": "reduce-overhead"}')  # alone: needs --compile
+    cfg, _ = train.resolve_args(["--config", str(tmp_path / "c.json"), "--compile"])
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        train.resolve_args(["--config", str(tmp_path / "c.json")])
+
+
 def test_a_yaml_config_file_is_read_as_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("# a short run\nnum_steps: 7\nema_stds: [0.05]\nuse_all_mp: true\n")
     cfg, _ = train.resolve_args(["--config", str(tmp_path / "c.yaml")])
