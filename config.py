@@ -54,6 +54,9 @@ def default_snapshot_spacing(num_steps: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """train.py's options: a field per flag (the flag's name with underscores), in --help's order; the
+    MP switches are `mp`. Fields marked `resumable` may be given anew on --resume; the others are the run's."""
+
     data_path: str = option("digits", "latent folder, ImageFolder, Hugging Face dataset (a save_to_disk folder, a hub "
                             "name such as benjamin-paine/imagenet-1k-128x128, or hf:NAME), or a built-in set: digits "
                             "(default), mnist")
