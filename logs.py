@@ -19,8 +19,12 @@ import collections
 import math
 import os
 import uuid
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # (config.py imports training.py, which imports runs.py, which imports this module)
+    from config import TrainConfig
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -30,22 +34,10 @@ PREFIXES = {"metrics.jsonl": "train", "fid_during_training.jsonl": "fid_during_t
 GRID_IMAGES = 64  # FID samples shown per evaluation
 
 
-def add_arguments(p) -> None:
-    g = p.add_argument_group("experiment trackers (the jsonl logs are written either way)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files to RUN/tensorboard/ (tensorboard --logdir RESULTS)")
-    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs pip install wandb; "
-                                                        "WANDB_MODE=offline works without an account)")
-    g.add_argument("--wandb-project", default="map-dit", help="W&B project (default map-dit)")
-    g.add_argument("--wandb-name", default=None, help="W&B run name (default: the run folder's name)")
-
-
-RESUMABLE = ["tensorboard", "wandb", "wandb_project", "wandb_name"]  # they do not change the weights
-
-
-def check_arguments(args, error: type[Exception] = ValueError) -> None:
-    """Raises `error` (one line naming the fix) before anything is loaded: --wandb without wandb installed."""
-    if getattr(args, "wandb", False):
+def check_trackers(cfg: TrainConfig, error: type[Exception] = ValueError) -> None:
+    """Raises `error` (one line naming the fix) before anything is loaded: --wandb without wandb installed.
+    (The trackers' options are TrainConfig's; they may change on --resume, as they never touch the weights.)"""
+    if cfg.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -131,15 +123,15 @@ def grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
 class Trackers:
     """The trackers a run asked for (none: every call does nothing). Open it on global rank 0 only."""
 
-    def __init__(self, args, run_path: str, resumed_step: int):
+    def __init__(self, cfg: TrainConfig, run_path: str, resumed_step: int):
         self.tensorboard = self.wandb = None
-        if getattr(args, "tensorboard", False):
+        if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: events a killed run wrote after the checkpoint we resume from are dropped by readers
             self.tensorboard = SummaryWriter(os.path.join(run_path, TENSORBOARD_DIR),
                                              purge_step=resumed_step + 1 if resumed_step else None)
-        if getattr(args, "wandb", False):
-            self.wandb = open_wandb(args, run_path)
+        if cfg.wandb:
+            self.wandb = open_wandb(cfg, run_path)
 
     def record(self, name: str, record: dict) -> None:
         """One record appended to the jsonl log `name`, as scalars at its step."""
@@ -176,7 +168,7 @@ class Trackers:
         self.tensorboard = self.wandb = None
 
 
-def open_wandb(args, run_path: str):
+def open_wandb(cfg: TrainConfig, run_path: str):
     """A W&B run for the run folder: the same W&B run again on resume (its id is kept in RUN/wandb_id.txt).
     WANDB_MODE (online, offline, disabled) and the other WANDB_* variables are wandb's own."""
     import wandb
@@ -188,5 +180,5 @@ def open_wandb(args, run_path: str):
     else:
         run_id = uuid.uuid4().hex[:16]
         atomic_write_text(id_path, run_id + "\n")
-    return wandb.init(project=args.wandb_project, name=args.wandb_name or os.path.basename(run_path), id=run_id,
-                      resume="allow", dir=run_path, config=vars(args))
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or os.path.basename(run_path), id=run_id,
+                      resume="allow", dir=run_path, config=cfg.to_dict())

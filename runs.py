@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from ema import reconstruct_ema
 from logs import RateWindow, Trackers, format_rates
 from models import DiT, build_model
 from mp_layers import MPConfig
+
+if TYPE_CHECKING:  # (config.py imports training.py, which imports this module)
+    from config import TrainConfig
 
 CHECKPOINT_RE = re.compile(r"^(\d{7})\.pt$")
 
@@ -158,37 +162,6 @@ def check_model_config(config: dict, path: str) -> None:
                            f"numbers{' > 0' if key == 'std' else ''} (one per channel), got {str(values)[:80]}; {fix}")
 
 
-def check_saved_args(saved: dict, parser, path: str) -> None:
-    """RunError (one line naming the file and the field) where a run's recorded option (config.json's
-    "args") has not the type its option gives: a string where a number belongs, a number where a list does."""
-    for action in parser._actions:
-        if action.dest not in saved or action.dest == "help":
-            continue
-        value, kind = saved[action.dest], action.type
-        if value is None and action.default is None:
-            continue
-        if action.nargs == 0:
-            ok, want = isinstance(value, bool), "true or false"
-        else:
-            def fits(v):
-                if kind is int:
-                    return isinstance(v, int) and not isinstance(v, bool)
-                if kind is float:
-                    return isinstance(v, (int, float)) and not isinstance(v, bool)
-                return isinstance(v, str)
-            want = {int: "an integer", float: "a number"}.get(kind, "a string")
-            if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-                ok = isinstance(value, list) and all(fits(v) for v in value)
-                want = f"a list of {want.split(' ', 1)[1]}s"
-            else:
-                ok = fits(value)
-            if ok and action.choices is not None:
-                ok, want = value in action.choices, f"one of {', '.join(map(str, action.choices))}"
-        if not ok:
-            raise RunError(f"{path}: field args.{action.dest} is {json.dumps(value)[:60]}, where {want} belongs; "
-                           f"restore the file train.py wrote")
-
-
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     """model.load_state_dict(state), with a mismatch told in one line that says what differs."""
     try:
@@ -278,12 +251,12 @@ def create_run_dir(results_dir: str, model_name: str) -> str:
             index += 1
 
 
-def new_config(args, mp: MPConfig, dataset, world_size: int, learning_rates: dict | None = None) -> dict:
+def new_config(cfg: TrainConfig, dataset, world_size: int, learning_rates: dict | None = None) -> dict:
     """config.json of a new run: its options, the base learning rates its parameters train at ("lr" plain,
     "mp_lr" MP, each only where the model has such parameters), and what rebuilds its model and its data
     normalisation."""
     rates = {"learning_rates": learning_rates} if learning_rates is not None else {}
-    return {"args": vars(args), "model": args.model, "mp": mp.to_dict(), **rates, "data": dataset.describe(),
+    return {"args": cfg.to_dict(), "model": cfg.model, "mp": cfg.mp.to_dict(), **rates, "data": dataset.describe(),
             "num_classes": dataset.num_classes, "in_channels": dataset.channels, "input_size": dataset.resolution,
             "world_size": world_size, "torch": torch.__version__}
 
@@ -349,15 +322,15 @@ def saves_between(start: int, end: int, every: int) -> int:
     return end // every - start // every + (1 if end % every else 0) if end > start else 0
 
 
-def disk_plan(args, n_params: int, start_step: int) -> tuple[int, str]:
+def disk_plan(cfg: TrainConfig, n_params: int, start_step: int) -> tuple[int, str]:
     """About how many bytes the steps after `start_step` add to the run folder, and an account of them:
     fp16 EMA snapshots (one per tracked σ_rel) and fp32 checkpoints (weights, Adam's two moments, EMAs)."""
-    n_snapshots = saves_between(start_step, args.num_steps, args.ema_snapshot_every) * len(args.ema_stds)
-    n_checkpoints = saves_between(start_step, args.num_steps, args.ckpt_every)
-    if args.keep_checkpoints:  # the newest is written before the oldest is removed
-        n_checkpoints = min(n_checkpoints, args.keep_checkpoints + 1)
+    n_snapshots = saves_between(start_step, cfg.num_steps, cfg.ema_snapshot_every) * len(cfg.ema_stds)
+    n_checkpoints = saves_between(start_step, cfg.num_steps, cfg.ckpt_every)
+    if cfg.keep_checkpoints:  # the newest is written before the oldest is removed
+        n_checkpoints = min(n_checkpoints, cfg.keep_checkpoints + 1)
     snapshot_bytes = n_snapshots * n_params * 2
-    checkpoint_bytes = n_checkpoints * n_params * 4 * (3 + len(args.ema_stds))
+    checkpoint_bytes = n_checkpoints * n_params * 4 * (3 + len(cfg.ema_stds))
     account = (f"{n_snapshots} EMA snapshots ({snapshot_bytes / 1e9:.2f} GB) and {n_checkpoints} checkpoint(s) "
                f"({checkpoint_bytes / 1e9:.2f} GB)")
     return snapshot_bytes + checkpoint_bytes, account
@@ -375,11 +348,11 @@ class Run:
         self.unsynced: list[str] = []  # snapshots written since the last checkpoint, not yet synced to disk
 
     @contextlib.contextmanager
-    def tracking(self, args, resumed_step: int):
-        """Within the block, the experiment trackers `args` ask for (--tensorboard, --wandb) receive what the
+    def tracking(self, cfg: TrainConfig, resumed_step: int):
+        """Within the block, the experiment trackers `cfg` asks for (--tensorboard, --wandb) receive what the
         run logs (rank 0 only); they are closed at its end, however it ends."""
         if self.writer:
-            self.trackers = Trackers(args, self.path, resumed_step)
+            self.trackers = Trackers(cfg, self.path, resumed_step)
         try:
             yield
         finally:
@@ -449,11 +422,11 @@ class Run:
                  f"peak {record['peak_mem_gib']:.2f} GiB  eta {self.rate.eta(num_steps - record['step'])}")
         self.append("metrics.jsonl", record)
 
-    def log_disk_plan(self, args, n_params: int, start_step: int) -> None:
+    def log_disk_plan(self, cfg: TrainConfig, n_params: int, start_step: int) -> None:
         """States what the run will write, and warns when the disk is short."""
         if not self.writer:
             return
-        need, account = disk_plan(args, n_params, start_step)
+        need, account = disk_plan(cfg, n_params, start_step)
         free = shutil.disk_usage(self.path).free
         self.log(f"disk: about {need / 1e9:.1f} GB to write ({account}); {free / 1e9:.1f} GB free")
         if need > free:

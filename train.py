@@ -12,7 +12,8 @@ The training itself is training.py's; the run folder is runs.py's.
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -21,31 +22,19 @@ import torch
 import torch.distributed as dist
 
 import data
-import data.hf
 import limits
 import logs
 import runs
 import training
 from atomic import Interrupted as StartupInterrupted, signals_interrupt
 from cli import Parser
+from config import MP_KEYS, NOT_OPTIONS, ConfigError, TrainConfig
 from diffusion import create_diffusion
 from eval import during_training
-from models import MODEL_NAMES, MODEL_SIZES
+from models import MODEL_SIZES
 from mp_layers import MPConfig
 from runs import RunError, list_checkpoints, load_run_config
-from training import COMPILE_MODES, TrainingError
-
-# Options that define what a run is; on --resume they come from the run and may not be changed.
-RUN_DEFINING = ["model", "data_path", "image_size", "random_flip", "split", "image_column", "label_column",
-                "num_classes", "batch_size", "lr", "mp_lr", "seed",
-                "num_lin_warmup", "start_decay", "ema_stds", "precision", "grad_clip", *MPConfig.option_names(),
-                "use_all_mp"]
-MP_OPTIONS = [*MPConfig.option_names(), "use_all_mp"]
-DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
-# Options that may be changed when resuming.
-RESUMABLE = ["vae", "num_steps", "log_every", "ckpt_every", "keep_checkpoints", "ema_snapshot_every", "magnitude_every",
-             "num_workers", "compile", "compile_mode", "device", "batch_gpu", "grad_checkpointing",
-             "max_image_pixels", *during_training.RESUMABLE, *logs.RESUMABLE]
+from training import TrainingError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,96 +57,26 @@ class Interrupted(Exception):
         self.code = code
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """The run a --resume continues: its folder, the checkpoint file given (None: the newest), its
+    config.json, and what to tell its log about the options it was read with."""
+    run_dir: str
+    checkpoint: str | None
+    config: dict
+    notes: list
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, epilog=EXIT_CODES)
-    p.add_argument("--data-path", default="digits",
-                   help="latent folder, ImageFolder, Hugging Face dataset (a save_to_disk folder, a hub name such as "
-                        "benjamin-paine/imagenet-1k-128x128, or hf:NAME), or a built-in set: digits (default), mnist")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="centre-crop size of images (an ImageFolder or Hugging Face dataset)")
-    p.add_argument("--vae", default=None, metavar="NAME_OR_PATH",
-                   help="train images in the latent space of this diffusers AutoencoderKL (hub name such as "
-                        "stabilityai/sd-vae-ft-mse, or a local folder), encoding each batch as it is read; "
-                        "default: images train in pixel space. With --resume: where the run's VAE is now (the "
-                        "same VAE; the run's own record is used otherwise)")
-    p.add_argument("--random-flip", action="store_true",
-                   help="mirror each item with probability 1/2 (images before encoding; a latent folder needs the "
-                        "mirrored posteriors of prepare_latents.py --random-flip)")
-    data.hf.add_arguments(p)
-    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
-                   help="refuse images whose header claims more pixels (default: PIL's 89,478,485)")
-    p.add_argument("--results-dir", default="results", help="parent folder of the run folders (RESULTS/NNN-MODEL)")
-    p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME",
-                   help="one of " + ", ".join(MODEL_NAMES))
-    p.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
-    p.add_argument("--num-steps", type=int, default=400_000)
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
-    p.add_argument("--batch-gpu", type=int, default=None, metavar="N",
-                   help="micro-batch per process: each process runs its share of --batch-size N items at a time, "
-                        "adding up the gradients (less memory, the same results; default: the whole share at once)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the plain parameters (default 1e-4, as in the paper). Given without "
-                        "--mp-lr it is the one rate of every parameter, as in the paper's eight-switch code")
-    p.add_argument("--mp-lr", type=float, default=None,
-                   help="learning rate of the weight-normalised and force-normalised weights, their gains and "
-                        "the MP tables (default 1e-2, as the paper's later code and EDM2; 1e-4 barely moves them)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="data loader processes (default: 0 for a set held in memory: digits, MNIST, a latent "
-                        "folder; else min(4, CPU cores))")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=50_000)
-    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
-                   help="keep only the newest N checkpoints (default 0: keep all); EMA snapshots are always kept")
-    p.add_argument("--num-lin-warmup", type=int, default=None, help="linear warm-up steps (default steps//150)")
-    p.add_argument("--start-decay", type=int, default=None, help="start of 1/sqrt decay (default steps//10)")
-    p.add_argument("--ema-snapshot-every", type=int, default=None,
-                   help="default: about one snapshot per 1,000 steps, at least 10 and at most 250 a run "
-                        "(post-hoc EMA needs only a few dozen; the log states the bytes to write)")
-    p.add_argument("--ema-stds", type=float, nargs="+", default=[0.05, 0.10], help="tracked EMA σ_rel values")
-    p.add_argument("--magnitude-every", type=int, default=None,
-                   help="record activation and weight magnitudes per block every N steps and at the last (default: "
-                        "spaced from a record's measured cost to take about 1 %% of the training time, at most "
-                        "~100 records; the log says the spacing)")
-    MPConfig.add_arguments(p)
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
-                   help="fp32, TF32 matmuls (default; same as fp32 on a CPU), or bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward instead of keeping them (less memory, "
-                        "about a third more compute; the same results)")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                   help="with --compile: torch.compile's mode (default: default); reduce-overhead replays CUDA "
-                        "graphs, which removes the kernel-launch cost that bounds small models (measured on one "
-                        "GPU; see docs/train.md)")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="read the options from this JSON file (YAML for .yaml/.yml): {\"option\": value, ...} "
+                        "with the flags' names (num_steps), or a run's config.json; flags given too override it")
     p.add_argument("--resume", default=None, metavar="RUN_DIR|CKPT",
                    help="continue a run from its newest checkpoint, or from the checkpoint file given "
                         "(RUN_DIR/checkpoints/NNNNNNN.pt)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    during_training.add_arguments(p)
-    logs.add_arguments(p)
+    TrainConfig.add_arguments(p)
     return p
-
-
-def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    steps = args.num_steps
-    if args.num_lin_warmup is None:
-        args.num_lin_warmup = steps // 150
-    if args.start_decay is None:
-        args.start_decay = steps // 10
-    if args.ema_snapshot_every is None:
-        args.ema_snapshot_every = default_snapshot_spacing(steps)
-    return resolve_learning_rates(args)
-
-
-def default_snapshot_spacing(num_steps: int) -> int:
-    """Steps between EMA snapshots by default: about one per 1,000 steps, but at least 10 and at most 250
-    snapshots a run. Post-hoc reconstruction is accurate from ten or so (tests/test_ema.py), and each
-    snapshot is the model in fp16 per tracked σ_rel, so the old steps//250 made short runs mostly snapshots
-    (20,000 steps of DiT-XS/2: 7.8 GB, now 0.6 GB)."""
-    snapshots = min(250, max(10, num_steps // 1000))
-    return max(1, num_steps // snapshots)
 
 
 def default_num_workers(dataset) -> int:
@@ -166,67 +85,29 @@ def default_num_workers(dataset) -> int:
     return 0 if getattr(dataset, "in_memory", False) else min(4, os.cpu_count() or 1)
 
 
-def resolve_learning_rates(args: argparse.Namespace) -> argparse.Namespace:
-    """--lr alone: one rate for everything (the eight-switch code); otherwise MP parameters at --mp-lr
-    (default 1e-2) and plain ones at --lr (default 1e-4). A run made before --mp-lr existed had one rate."""
-    if args.mp_lr is None:
-        args.mp_lr = DEFAULT_MP_LR if args.lr is None else args.lr
-    if args.lr is None:
-        args.lr = DEFAULT_LR
-    return args
-
-
-def check_args(args: argparse.Namespace, world_size: int) -> None:
-    """Every option checked before anything is loaded or written."""
-    positive = ["num_steps", "batch_size", "log_every", "ckpt_every", "ema_snapshot_every", "magnitude_every"]
-    for name in positive + ["image_size", "num_classes"]:
-        value = getattr(args, name)
-        if value is not None and value <= 0:  # (image_size and num_classes may be left to the data)
-            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise TrainingError(f"--num-workers must be >= 0 (0 loads in this process), got {args.num_workers}")
-    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
-        raise TrainingError(f"--grad-clip must be a finite number >= 0 (0 = off), got {args.grad_clip}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise TrainingError(f"--seed must be in 0 .. 2**63 - 1, got {args.seed}")
-    if len(set(args.ema_stds)) != len(args.ema_stds):
-        raise TrainingError(f"--ema-stds has a duplicate value: {args.ema_stds}")
-    if not args.resume and os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
-        raise TrainingError(f"--results-dir {args.results_dir} is a file; pass a folder (created if missing)")
-    if getattr(args, "compile_mode", None) and not args.compile:
-        raise TrainingError(f"--compile-mode {args.compile_mode} needs --compile; add --compile")
-    if args.keep_checkpoints < 0:
-        raise TrainingError(f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}")
-    if args.num_lin_warmup < 0 or args.start_decay < 0:
-        raise TrainingError("--num-lin-warmup and --start-decay must be >= 0")
-    for name in ("lr", "mp_lr"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            raise TrainingError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
-    if args.batch_size % world_size:
-        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes; "
+def check_machine(cfg: TrainConfig, world_size: int) -> None:
+    """The checks that depend on the processes and the machine (those between options are TrainConfig's)."""
+    if cfg.batch_size % world_size:
+        raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the {world_size} processes; "
                             f"use a multiple of {world_size}")
-    local = args.batch_size // world_size
-    if args.batch_gpu is not None and (args.batch_gpu <= 0 or local % args.batch_gpu):
-        raise TrainingError(f"--batch-gpu {args.batch_gpu} does not divide the {local} items of each process "
-                            f"(--batch-size {args.batch_size} over {world_size}); pass a divisor of {local}")
-    for std in args.ema_stds:
-        if not 0 < std < 0.2887:
-            raise TrainingError(f"--ema-stds value {std} is outside (0, 0.2887)")
-    check_sizes(args, local)
-    during_training.check_arguments(args)
-    logs.check_arguments(args, TrainingError)
+    local = cfg.batch_size // world_size
+    if cfg.batch_gpu is not None and (cfg.batch_gpu <= 0 or local % cfg.batch_gpu):
+        raise TrainingError(f"--batch-gpu {cfg.batch_gpu} does not divide the {local} items of each process "
+                            f"(--batch-size {cfg.batch_size} over {world_size}); pass a divisor of {local}")
+    check_sizes(cfg, local)
+    logs.check_trackers(cfg, TrainingError)
 
 
-def check_sizes(args: argparse.Namespace, local_batch: int, channels: int = 1, resolution: int | None = None) -> None:
+def check_sizes(cfg: TrainConfig, local_batch: int, channels: int = 1, resolution: int | None = None) -> None:
     """Sizes that cannot fit in memory, refused before anything is allocated (lower bounds: a batch of
     `channels` x `resolution`² float32 inputs, one class-embedding table of the model's width)."""
-    size = resolution or args.image_size or 1
-    limits.check_fits(4 * channels * size * size * (args.batch_gpu or local_batch),
-                      f"a batch of {args.batch_gpu or local_batch} inputs of {channels}x{size}x{size}",
+    size = resolution or cfg.image_size or 1
+    limits.check_fits(4 * channels * size * size * (cfg.batch_gpu or local_batch),
+                      f"a batch of {cfg.batch_gpu or local_batch} inputs of {channels}x{size}x{size}",
                       "pass a smaller --batch-size (or --batch-gpu) or --image-size", TrainingError)
-    if args.num_classes is not None:
-        width = MODEL_SIZES[args.model.removeprefix("DiT-").split("/")[0]][1]
-        limits.check_fits(4 * (args.num_classes + 1) * width, f"a class table of {args.num_classes} classes",
+    if cfg.num_classes is not None:
+        width = MODEL_SIZES[cfg.model.removeprefix("DiT-").split("/")[0]][1]
+        limits.check_fits(4 * (cfg.num_classes + 1) * width, f"a class table of {cfg.num_classes} classes",
                           "pass the number of classes of the data as --num-classes (or leave it out)", TrainingError)
 
 
@@ -238,12 +119,54 @@ def given_options(argv) -> set[str]:
     return set(vars(probe.parse_args(argv)))
 
 
-def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
-    """Parse the command line; with --resume, take the run's own options and check for conflicts."""
+def read_config_file(path: str) -> dict:
+    """The options of a --config file, checked: {option: value} as the flags name them, or a run's
+    config.json (its "args"). ConfigError (one line) when it is missing, unreadable or names no option."""
+    fix = "pass a JSON file of {\"option\": value} (see python train.py --help), or a run's config.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):  # (PyYAML comes with the datasets package)
+                import yaml
+                options = yaml.safe_load(f)
+            else:
+                options = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e}); {fix}") from None
+    except Exception as e:  # (JSON's and YAML's parse errors, a file that is no text)
+        raise ConfigError(f"--config {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
+                          f"({str(e).splitlines()[0][:120]}); {fix}") from None
+    if isinstance(options, dict) and isinstance(options.get("args"), dict):
+        options = options["args"]  # a run's config.json
+    if not isinstance(options, dict):
+        raise ConfigError(f"--config {path} holds a {type(options).__name__}, not {{\"option\": value}}; {fix}")
+    unknown = TrainConfig.unknown_keys(options) + [k for k in NOT_OPTIONS if options.get(k) is not None]
+    if unknown:
+        raise ConfigError(f"--config {path}: {unknown[0]!r} is no option of train.py (see python train.py --help); "
+                          f"correct or remove it")
+    TrainConfig.check_types(options, where=f"--config {path}: option ", fix="correct the file")
+    return {k: v for k, v in options.items() if k not in NOT_OPTIONS}
+
+
+def resolve_args(argv) -> tuple[TrainConfig, Resume | None]:
+    """The options: a --config file's, overridden by the flags given; with --resume, the run's own with the
+    changes a resume may make (TrainConfig's resumable fields), any other change refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume is None:
-        return fill_defaults(args), None
+    given = given_options(argv)
+    if args.config is not None:
+        from_file = read_config_file(args.config)
+        parser.set_defaults(**from_file)  # the flags given still win
+        args, given = parser.parse_args(argv), given | set(from_file)
+    if args.resume is not None:
+        return resume_config(args, given)
+    if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
+        raise TrainingError(f"--results-dir {args.results_dir} is a file; pass a folder (created if missing)")
+    return TrainConfig.from_args(args), None
+
+
+def resume_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConfig, Resume]:
+    """The options of the run --resume names: its own, with the options `given` that a resume may change
+    (TrainConfig's resumable fields); another given with a value other than the run's is an error."""
     run_dir, checkpoint = args.resume, None
     if os.path.isfile(run_dir):  # a checkpoint file, as DiT users pass them: that checkpoint, not the newest
         checkpoint = os.path.abspath(run_dir)
@@ -264,125 +187,122 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
                             f"start a new run instead")
     saved = config["args"]
     missing = [k for k in ("model", "data_path", "batch_size", "lr", "seed", "num_steps") if k not in saved]
-    if missing:
-        raise TrainingError(f"{os.path.join(run_dir, 'config.json')} lacks the option(s) {', '.join(missing)} of "
-                            f"the run; restore the file train.py wrote")
     config_path = os.path.join(run_dir, "config.json")
+    if missing:
+        raise TrainingError(f"{config_path} lacks the option(s) {', '.join(missing)} of the run; restore the file "
+                            f"train.py wrote")
     try:
-        runs.check_saved_args(saved, parser, config_path)
+        run_cfg = TrainConfig.from_dict(saved, where=f"{config_path}: field args.",
+                                        fix="restore the file train.py wrote")
+        run_cfg = dataclasses.replace(run_cfg, mp=MPConfig.from_dict(config["mp"]))
         if saved.get("vae"):  # the run's data record is reused (its latent statistics): it must be whole
             runs.check_model_config(config, config_path)
     except RunError as e:
         raise TrainingError(str(e)) from e
-    explicit = given_options(argv)
-    conflicts = [k for k in explicit & set(RUN_DEFINING) if saved.get(k) != getattr(args, k) and k not in MP_OPTIONS]
-    if explicit & set(MP_OPTIONS) and MPConfig.from_args(args) != MPConfig.from_dict(config["mp"]):
+    asked, fields = vars(args), {f.name for f in TrainConfig.options()}
+    as_field = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (--ema-stds: a list)
+    conflicts = [f"--{k.replace('_', '-')}" for k in sorted(given & fields)
+                 if not TrainConfig.resumable(k) and as_field(asked[k]) != getattr(run_cfg, k)]
+    if given & set(MP_KEYS) and MPConfig.from_args(args) != run_cfg.mp:
         conflicts.append("MP switches")
     if conflicts:
-        names = ", ".join(f"--{c.replace('_', '-')}" if c != "MP switches" else c for c in sorted(conflicts))
-        raise TrainingError(f"--resume {run_dir}: {names} differ from the run's own "
-                            f"(model {saved['model']}, {MPConfig.from_dict(config['mp']).describe()}); "
-                            f"drop them to resume, or start a new run")
-    resumed = argparse.Namespace(**saved)
-    for k in RESUMABLE:
-        if k in explicit:
-            setattr(resumed, k, getattr(args, k))
-    for k, v in vars(args).items():  # options added to train.py after the run was created
-        if not hasattr(resumed, k):
-            setattr(resumed, k, v)
-    if "vae" not in explicit:  # the VAE where it is now: moved with the run folder, or as recorded
-        resumed.vae = runs.run_vae(config, run_dir) if saved.get("vae") else None
-    resumed.resume, resumed.resume_checkpoint = run_dir, checkpoint
-    resumed.results_dir = os.path.dirname(os.path.abspath(run_dir))
-    return resolve_learning_rates(resumed), config
+        raise TrainingError(f"--resume {run_dir}: {', '.join(conflicts)} differ from the run's own "
+                            f"(model {run_cfg.model}, {run_cfg.mp.describe()}); drop them to resume, or start a "
+                            f"new run")
+    changes = {k: asked[k] for k in given & fields if TrainConfig.resumable(k)}
+    if "vae" not in given:  # the VAE where it is now: moved with the run folder, or as recorded
+        changes["vae"] = runs.run_vae(config, run_dir) if saved.get("vae") else None
+    changes["results_dir"] = os.path.dirname(os.path.abspath(run_dir))
+    notes = [f"config.json's option {k} is no option of this train.py: ignored"
+             for k in TrainConfig.unknown_keys(saved)]
+    return dataclasses.replace(run_cfg, **changes), Resume(run_dir, checkpoint, config, notes)
 
 
 def train(argv=None) -> str:
     """Setup, resume, loop. Returns the run folder; raises Interrupted when a signal stopped it (after saving)."""
-    args, resumed_config = resolve_args(argv)
-    rank, world_size, device = training.setup_distributed(args.device)
-    check_args(args, world_size)
+    cfg, resume = resolve_args(argv)
+    rank, world_size, device = training.setup_distributed(cfg.device)
+    check_machine(cfg, world_size)
     # One writer per run folder: a resume takes the lock before it loads a checkpoint, a new run on creation.
-    with runs.RunLock(args.resume if args.resume and rank == 0 else None) as lock:
-        mp = MPConfig.from_args(args) if resumed_config is None else MPConfig.from_dict(resumed_config["mp"])
-        autocast = training.configure_precision(args.precision, device)
+    with runs.RunLock(resume.run_dir if resume and rank == 0 else None) as lock:
+        autocast = training.configure_precision(cfg.precision, device)
         if device.type == "cpu":
             # On x86 CPUs, denormal numbers (Adam's second moments of the tiny early gradients of weight-
             # normalised layers) are 10-100x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
-        data.set_max_image_pixels(getattr(args, "max_image_pixels", None))
-        dataset = data.load_dataset(args.data_path, image_size=args.image_size, num_classes=args.num_classes,
-                                    vae=args.vae, device=device, random_flip=args.random_flip, split=args.split,
-                                    image_column=args.image_column, label_column=args.label_column,
-                                    recorded=resumed_config["data"] if resumed_config else None)
-        if args.num_workers is None:  # (recorded in config.json as chosen, so a resume keeps it)
-            args.num_workers = default_num_workers(dataset)
-        check_sizes(args, args.batch_size // world_size, dataset.channels, dataset.resolution)
-        state = training.build_state(args, dataset, mp, device)
-        fid_reference, reference_seconds = during_training.resolve_reference(args, dataset, rank, world_size)
-        notes = []  # said once the run folder's log exists
-        if args.resume:
-            path, ckpt, said = runs.checkpoint_to_resume(args.resume, args.resume_checkpoint)
+        data.set_max_image_pixels(cfg.max_image_pixels)
+        dataset = data.load_dataset(cfg.data_path, image_size=cfg.image_size, num_classes=cfg.num_classes,
+                                    vae=cfg.vae, device=device, random_flip=cfg.random_flip, split=cfg.split,
+                                    image_column=cfg.image_column, label_column=cfg.label_column,
+                                    recorded=resume.config["data"] if resume else None)
+        if cfg.num_workers is None:  # (recorded in config.json as chosen, so a resume keeps it)
+            cfg = dataclasses.replace(cfg, num_workers=default_num_workers(dataset))
+        check_sizes(cfg, cfg.batch_size // world_size, dataset.channels, dataset.resolution)
+        state = training.build_state(cfg, dataset, device)
+        fid_reference, reference_seconds = during_training.resolve_reference(cfg, dataset, rank, world_size)
+        notes = list(resume.notes) if resume else []  # said once the run folder's log exists
+        if resume:
+            path, ckpt, said = runs.checkpoint_to_resume(resume.run_dir, resume.checkpoint)
             notes += said
-            training.resume_from(state, ckpt, path, args.model, device)
+            training.resume_from(state, ckpt, path, cfg.model, device)
             del ckpt
-        model = training.wrap_model(state.model, args, world_size, device, notes.append)
+        model = training.wrap_model(state.model, cfg, world_size, device, notes.append)
         diffusion = create_diffusion("")
-        batches = iter(training.make_loader(dataset, args, rank, world_size, state.step, device))
+        batches = iter(training.make_loader(dataset, cfg, rank, world_size, state.step, device))
         probe = training.make_probe(dataset, diffusion, device, dataset.num_classes) if rank == 0 else None
 
         # Everything is validated and built: now (and only now) create or reopen the run folder.
-        if args.resume:
-            run = runs.Run.reopen(args.resume, state.step, rank, lock)
+        if resume:
+            run = runs.Run.reopen(resume.run_dir, state.step, rank, lock)
             run.log(f"resuming {run.path} from step {state.step} ({path})")
-            if state.step >= args.num_steps:
-                run.log(f"the run is already at step {state.step} of --num-steps {args.num_steps}: nothing to "
+            if state.step >= cfg.num_steps:
+                run.log(f"the run is already at step {state.step} of --num-steps {cfg.num_steps}: nothing to "
                         f"train; to go on, give the new end: --resume {run.path} --num-steps "
-                        f"{max(2 * args.num_steps, state.step + 1)}")
+                        f"{max(2 * cfg.num_steps, state.step + 1)}")
         else:
-            run = runs.Run.create(args.results_dir, args.model, rank, world_size, lock)
-            run.write_config(runs.record_vae(runs.new_config(args, mp, dataset, world_size,
+            run = runs.Run.create(cfg.results_dir, cfg.model, rank, world_size, lock)
+            run.write_config(runs.record_vae(runs.new_config(cfg, dataset, world_size,
                                                              training.learning_rates(state.opt, state.model)),
                                              run.path))
             run.log(f"run folder {run.path}")
         for note in notes:
             run.warn(note)
         n_params = sum(p.numel() for p in state.model.parameters())
-        run.log(f"{args.model}: {n_params:,} parameters, {mp.describe()}; data {dataset!r}; "
-                f"{world_size} process(es) on {device}, precision {args.precision}, "
-                f"global batch {args.batch_size}, {training.describe_learning_rates(state.opt)}")
-        run.log_disk_plan(args, n_params, state.step)
+        run.log(f"{cfg.model}: {n_params:,} parameters, {cfg.mp.describe()}; data {dataset!r}; "
+                f"{world_size} process(es) on {device}, precision {cfg.precision}, "
+                f"global batch {cfg.batch_size}, {training.describe_learning_rates(state.opt)}")
+        run.log_disk_plan(cfg, n_params, state.step)
         if reference_seconds >= 1:
             run.log(f"FID reference {fid_reference}: {logs.format_duration(reference_seconds)} (counted in the "
                     f"evaluations' cost_fraction)")
 
         meter = training.LossMeter(state, world_size, device)
-        fid = during_training.TrainingFID(args, fid_reference, runs.new_config(args, mp, dataset, world_size), rank,
+        fid = during_training.TrainingFID(cfg, fid_reference, runs.new_config(cfg, dataset, world_size), rank,
                                           world_size, device, reference_seconds)
-        magnitudes = training.MagnitudeRecorder(args.magnitude_every, state.step, args.num_steps, device, run.log)
+        magnitudes = training.MagnitudeRecorder(cfg.magnitude_every, state.step, cfg.num_steps, device, run.log)
         state.model.train()
         with (training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step),
-              run.tracking(args, state.step if args.resume else 0)):
-            while state.step < args.num_steps:
+              run.tracking(cfg, state.step if resume else 0)):
+            while state.step < cfg.num_steps:
                 x, y = dataset.model_batch(next(batches), device)  # (an on-the-fly VAE set encodes here)
-                t = training.step_timesteps(args, rank, state.step, x.shape[0], diffusion.num_timesteps, device)
+                t = training.step_timesteps(cfg.seed, rank, state.step, x.shape[0], diffusion.num_timesteps, device)
                 state.step += 1
                 meter.add(training.training_step(model, state.model, diffusion, state.opt, state.sched, state.ema,
                                                  x, y, t, step=state.step, autocast=autocast,
-                                                 compiled=args.compile, grad_clip=args.grad_clip,
-                                                 micro_batch=args.batch_gpu))
-                step, last = state.step, state.step == args.num_steps
-                if step % args.log_every == 0 or last:
-                    run.log_metrics(meter.record(args, run.last_checkpoint), args.num_steps)
+                                                 compiled=cfg.compile, grad_clip=cfg.grad_clip,
+                                                 micro_batch=cfg.batch_gpu))
+                step, last = state.step, state.step == cfg.num_steps
+                if step % cfg.log_every == 0 or last:
+                    run.log_metrics(meter.record(cfg, run.last_checkpoint), cfg.num_steps)
                 if run.writer and magnitudes.due(step):
                     run.append("magnitudes.jsonl", magnitudes.record(state.model, probe, step))
-                if step % args.ema_snapshot_every == 0 or last:
+                if step % cfg.ema_snapshot_every == 0 or last:
                     meter.check_finite(run.last_checkpoint)
                     run.save_snapshots(state.ema, step)
                 stopping = stop.requested(step)
-                if step % args.ckpt_every == 0 or last or stopping:
+                if step % cfg.ckpt_every == 0 or last or stopping:
                     meter.check_finite(run.last_checkpoint)
-                    run.save_checkpoint({**state.state_dict(device), "args": vars(args)}, args.keep_checkpoints)
+                    run.save_checkpoint({**state.state_dict(device), "args": cfg.to_dict()}, cfg.keep_checkpoints)
                 if fid.due(step, last) and not stopping:
                     fid.evaluate(state, step, run, meter)
                 if stopping:

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from ema import PowerEMA
 from fast_paths import apply_fast_paths
 from models import DiT, build_model
 from mp_layers import MPEmbedding, MPLinear
+
+if TYPE_CHECKING:  # (config.py imports this module)
+    from config import TrainConfig
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -152,13 +156,13 @@ class TrainState:
         return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
 
 
-def build_state(args, dataset, mp, device: torch.device) -> TrainState:
+def build_state(cfg: TrainConfig, dataset, device: torch.device) -> TrainState:
     """The model (initial weights from --seed only, the same on every rank), its EMAs and Adam."""
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, in_channels=dataset.channels, input_size=dataset.resolution,
-                        num_classes=dataset.num_classes, mp=mp).to(device)
-    ema = PowerEMA(model, stds=tuple(args.ema_stds))
-    opt, sched = make_optimizer(model, args.lr, args.num_lin_warmup, args.start_decay, device, mp_lr=args.mp_lr)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, in_channels=dataset.channels, input_size=dataset.resolution,
+                        num_classes=dataset.num_classes, mp=cfg.mp).to(device)
+    ema = PowerEMA(model, stds=cfg.ema_stds)
+    opt, sched = make_optimizer(model, cfg.lr, cfg.num_lin_warmup, cfg.start_decay, device, mp_lr=cfg.mp_lr)
     return TrainState(model, ema, opt, sched)
 
 
@@ -230,7 +234,7 @@ class LossMeter:
             raise TrainingError(f"non-finite loss or weights by step {self.state.step}; stopped without saving "
                                 f"({last_checkpoint()}); lower --lr or try --grad-clip / --precision fp32")
 
-    def record(self, args, last_checkpoint) -> dict:
+    def record(self, cfg: TrainConfig, last_checkpoint) -> dict:
         """The metrics record of this step (the mean loss over all ranks since the last one); starts the next."""
         if self.world_size > 1:
             dist.all_reduce(self.sum)
@@ -242,8 +246,8 @@ class LossMeter:
         record = {"step": step, "loss": self.sum.item() / (self.count * self.world_size),
                   # the rates this step used (the scheduler already holds the next step's): "lr" of the plain
                   # parameters and "mp_lr" of the MP ones, each only where the model has such parameters
-                  **{k: v * lr_factor(step - 1, args.num_lin_warmup, args.start_decay) for k, v in self.rates.items()},
-                  "steps_per_s": steps_per_s, "img_per_s": steps_per_s * args.batch_size,
+                  **{k: v * lr_factor(step - 1, cfg.num_lin_warmup, cfg.start_decay) for k, v in self.rates.items()},
+                  "steps_per_s": steps_per_s, "img_per_s": steps_per_s * cfg.batch_size,
                   "peak_mem_gib": peak_memory_gib(self.device)}
         self.sum.zero_()
         self.count = 0
@@ -340,20 +344,20 @@ def parse_device(text: str | None, error: type[Exception] = TrainingError) -> to
     return device
 
 
-def wrap_model(model: DiT, args, world_size: int, device: torch.device, warn=print) -> torch.nn.Module:
+def wrap_model(model: DiT, cfg: TrainConfig, world_size: int, device: torch.device, warn=print) -> torch.nn.Module:
     """The module the step calls: the fast paths (in place), gradient checkpointing, DDP over the ranks, then
     torch.compile, as asked."""
     # Under DDP, and when blocks are recomputed, each layer normalises its own weight (fast_paths.py): a
     # recomputed block must take the path of its forward, and the weights batched for a forward are gone then.
-    apply_fast_paths(model, ddp=world_size > 1 or getattr(args, "grad_checkpointing", False))
-    if getattr(args, "grad_checkpointing", False):
+    apply_fast_paths(model, ddp=world_size > 1 or cfg.grad_checkpointing)
+    if cfg.grad_checkpointing:
         checkpoint_blocks(model)
     if world_size > 1:
-        if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
-            warn(f"--compile-mode {args.compile_mode} (CUDA graphs) under DDP is untested here; "
-                           f"if it fails or is slow, use --compile alone")
+        if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+            warn(f"--compile-mode {cfg.compile_mode} (CUDA graphs) under DDP is untested here; "
+                 f"if it fails or is slow, use --compile alone")
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return compile_model(model, args.compile_mode) if args.compile else model
+    return compile_model(model, cfg.compile_mode) if cfg.compile else model
 
 
 def checkpoint_blocks(model: DiT) -> None:
@@ -462,18 +466,19 @@ class SeededItems(torch.utils.data.Dataset):
         return self.dataset.loader_item(index)
 
 
-def make_loader(dataset, args, rank: int, world_size: int, start_step: int, device: torch.device) -> DataLoader:
-    sampler = StepBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, start_step)
-    workers = args.num_workers
+def make_loader(dataset, cfg: TrainConfig, rank: int, world_size: int, start_step: int,
+                device: torch.device) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, rank, world_size, cfg.seed, start_step)
+    workers = cfg.num_workers
     return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def step_timesteps(args, rank: int, step: int, batch: int, num_timesteps: int, device) -> torch.Tensor:
+def step_timesteps(seed: int, rank: int, step: int, batch: int, num_timesteps: int, device) -> torch.Tensor:
     """The timesteps of step `step` (0-based), and the global RNG seeded for its noise and label dropout:
     both depend on (seed, rank, step) only, so a resumed run draws what the uninterrupted one drew."""
-    torch.manual_seed(mix_seed(args.seed, rank, step, 3))
+    torch.manual_seed(mix_seed(seed, rank, step, 3))
     return torch.randint(0, num_timesteps, (batch,), device=device)
 
 

@@ -20,14 +20,15 @@ def one_step(model_name: str, batch: int, size: int, checkpointing: bool) -> Non
     sys.path.insert(0, ROOT)
     import torch
     import training
+    from config import TrainConfig
     from diffusion import create_diffusion
     from models import build_model
     from mp_layers import MPConfig
     torch.manual_seed(0)
     mp = MPConfig.from_dict({k: True for k in MPConfig.switch_names()})
     model = build_model(model_name, in_channels=4, input_size=size, num_classes=1000, mp=mp)
-    options = argparse.Namespace(compile=False, compile_mode=None, grad_checkpointing=checkpointing)
-    step_model = training.wrap_model(model, options, world_size=1, device=torch.device("cpu"))
+    step_model = training.wrap_model(model, TrainConfig(grad_checkpointing=checkpointing), world_size=1,
+                                     device=torch.device("cpu"))
     opt, sched = training.make_optimizer(model, 1e-4, 0, 0, torch.device("cpu"))
     x, y = torch.randn(batch, 4, size, size), torch.randint(0, 1000, (batch,))
     t = torch.randint(0, 1000, (batch,))

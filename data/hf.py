@@ -25,11 +25,17 @@ from data.images import image_tensor, too_large
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
+# The options that pick the part of a Hugging Face dataset to read: name -> (default, help), the same in
+# every command line (train.py's TrainConfig takes them from here too).
+OPTIONS = {"split": ("train", "split of a Hugging Face dataset (default train)"),
+           "image_column": ("image", "image column of a Hugging Face dataset (default image)"),
+           "label_column": ("label", "label column of a Hugging Face dataset (default label)")}
+
+
 def add_arguments(p) -> None:
-    """The flags that pick the part of a Hugging Face dataset to read, the same in every command line."""
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
-    p.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset (default image)")
-    p.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset (default label)")
+    """The flags that pick the part of a Hugging Face dataset to read."""
+    for name, (default, help) in OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), default=default, help=help)
 
 
 def is_hf_folder(path: str) -> bool:

@@ -13,89 +13,38 @@ default, bf16 autocast for a GPU sitting). Under DDP every rank
 samples its share and rank 0 gathers the images and scores them. Records go to
 RUN/fid_during_training.jsonl (truncated on resume like metrics.jsonl, so the curve continues), the curve
 to RUN/fid_during_training.png; each record says what the evaluations have cost so far as a fraction of
-the training time, and a warning says when that exceeds `--eval-max-fraction`.
+the training time, and a warning says when that exceeds `--eval-max-fraction`. The options are fields of
+config.TrainConfig (group "FID during training"), which checks them.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffusion.sampling import SAMPLERS
-from eval.fid import FIDError, compute_statistics, fid_from_images
+from eval.fid import compute_statistics, fid_from_images
 from eval.inception import load_inception, resolve_device
-from eval.ref_stats import ref_images_argument
+
+if TYPE_CHECKING:  # (config.py imports this package's modules)
+    from config import TrainConfig
 
 LOG_NAME = "fid_during_training.jsonl"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("FID during training (off unless --eval-every is given)")
-    g.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="FID of the tracked EMA every N steps and at the last (default 0: off)")
-    g.add_argument("--eval-samples", type=int, default=1000, help="images per evaluation")
-    g.add_argument("--eval-sampler", choices=SAMPLERS, default="dpm-solver++")
-    g.add_argument("--eval-sampling-steps", type=int, default=20)
-    g.add_argument("--eval-cfg-scale", type=float, default=1.5)
-    g.add_argument("--eval-ema-std", type=float, default=None,
-                   help="which tracked EMA (one of --ema-stds; default the first)")
-    g.add_argument("--eval-seed", type=int, default=42, help="sampling seed (the same at every evaluation)")
-    g.add_argument("--eval-batch-size", type=int, default=250, help="images per sampling forward and process")
-    g.add_argument("--eval-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="the sampling forwards' precision (as sample.py --precision; bf16 autocast: a few times "
-                        "faster on a GPU, other samples than fp32's)")
-    g.add_argument("--eval-ref", default="auto",
-                   help='reference statistics or images (as eval/sample_fid.py --ref); "auto": the built-in '
-                        "dataset's, computed once into RESULTS/refs/")
-    g.add_argument("--eval-ref-images", type=ref_images_argument, default=None, metavar="N|all",
-                   help="with --eval-ref auto: the reference over N evenly spaced images of the dataset (default: "
-                        "all on a GPU, 300 on a CPU, a few minutes; the log announces the count and the time)")
-    g.add_argument("--eval-max-fraction", type=float, default=0.25,
-                   help="warn when the evaluations have taken more than this fraction of the training time")
-    g.add_argument("--inception-weights", default=None, help="TorchScript FID Inception (default: the bundled one)")
-
-
-# Options of this module that may change on --resume (they do not change the weights).
-RESUMABLE = ["eval_every", "eval_samples", "eval_sampler", "eval_sampling_steps", "eval_cfg_scale", "eval_ema_std",
-             "eval_seed", "eval_batch_size", "eval_precision", "eval_ref", "eval_ref_images", "eval_max_fraction",
-             "inception_weights"]
-
-
-def check_arguments(args) -> None:
-    """Raises FIDError naming the option, before anything expensive; fills --eval-ema-std's default."""
-    if args.eval_every < 0:
-        raise FIDError(f"--eval-every must be >= 0 (0 = off), got {args.eval_every}")
-    if not args.eval_every:
-        return
-    if args.eval_ema_std is None:
-        args.eval_ema_std = args.ema_stds[0]
-    if not any(abs(args.eval_ema_std - s) < 1e-9 for s in args.ema_stds):
-        raise FIDError(f"--eval-ema-std {args.eval_ema_std:g} is not a tracked EMA (--ema-stds "
-                       f"{' '.join(f'{s:g}' for s in args.ema_stds)}); pick one of them")
-    if args.eval_samples < 2:
-        raise FIDError(f"--eval-samples must be at least 2, got {args.eval_samples}")
-    if not 1 <= args.eval_sampling_steps <= 1000:
-        raise FIDError(f"--eval-sampling-steps must be in 1..1000, got {args.eval_sampling_steps}")
-    if args.eval_batch_size < 1:
-        raise FIDError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    if args.eval_ref == "none":
-        raise FIDError("--eval-ref none: FID during training needs a reference; pass one or use auto")
-
-
-def resolve_reference(args, dataset, rank: int, world_size: int) -> tuple[str | None, float]:
+def resolve_reference(cfg: TrainConfig, dataset, rank: int, world_size: int) -> tuple[str | None, float]:
     """The reference path (rank 0; None elsewhere), resolved as eval/sample_fid.py does: "auto" computes the
     built-in dataset's statistics once into RESULTS/refs/, which sample_fid then reuses; and the seconds it
     took (part of what the evaluations cost)."""
     from eval.sample_fid import resolve_reference as resolve
     path, began = None, time.perf_counter()
-    if rank == 0 and args.eval_every:
+    if rank == 0 and cfg.eval_every:
         config = {"data": dataset.describe(), "input_size": dataset.resolution}
-        path = resolve(args.eval_ref, config, os.path.abspath(args.results_dir), args.inception_weights,
-                       ref_images=getattr(args, "eval_ref_images", None), log=lambda line: print(line, flush=True),
+        path = resolve(cfg.eval_ref, config, os.path.abspath(cfg.results_dir), cfg.inception_weights,
+                       ref_images=cfg.eval_ref_images, log=lambda line: print(line, flush=True),
                        flag="--eval-ref")
     if world_size > 1:
         dist.barrier()  # the others wait while rank 0 computes a missing reference
@@ -105,9 +54,9 @@ def resolve_reference(args, dataset, rank: int, world_size: int) -> tuple[str | 
 class TrainingFID:
     """Evaluates the FID of the state's tracked EMA when `due`; rank 0 writes the records."""
 
-    def __init__(self, args, reference: str | None, config: dict, rank: int, world_size: int, device,
+    def __init__(self, cfg: TrainConfig, reference: str | None, config: dict, rank: int, world_size: int, device,
                  reference_seconds: float = 0.0):
-        self.args, self.reference, self.config = args, reference, config
+        self.cfg, self.reference, self.config = cfg, reference, config
         self.rank, self.world_size, self.device = rank, world_size, device
         # The reference computed for this run counts as evaluation time (it is not training time).
         self.started = time.perf_counter() - reference_seconds
@@ -115,14 +64,14 @@ class TrainingFID:
         self._extractor, self._ref_stats = None, None
 
     def due(self, step: int, last: bool) -> bool:
-        return bool(self.args.eval_every) and (step % self.args.eval_every == 0 or last)
+        return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or last)
 
     def _sample_share(self, state) -> np.ndarray:
         from eval.sample_fid import fid_labels
         from fast_paths import apply_fast_paths
         from runs import load_weights, model_from_config
         from sample import generate
-        a = self.args
+        a = self.cfg
         model = model_from_config(self.config)
         load_weights(model, state.ema.ema_state(a.eval_ema_std), f"the tracked EMA σ_rel={a.eval_ema_std:g}")
         model.to(self.device).eval()
@@ -137,7 +86,7 @@ class TrainingFID:
 
     def _fid(self, images) -> float:
         if self._extractor is None:  # loaded once per run, and the reference's statistics with it
-            self._extractor = load_inception(self.args.inception_weights, device=resolve_device("auto"))
+            self._extractor = load_inception(self.cfg.inception_weights, device=resolve_device("auto"))
             self._ref_stats = compute_statistics(self.reference, self._extractor, progress=False)
         return fid_from_images(images, self._ref_stats, extractor=self._extractor, progress=False)
 
@@ -162,7 +111,7 @@ class TrainingFID:
             fid = self._fid(images)
             seconds = time.perf_counter() - start
             self.eval_seconds += seconds
-            a = self.args
+            a = self.cfg
             record = {"step": step, "fid": fid, "num_samples": a.eval_samples, "sampler": a.eval_sampler,
                       "num_sampling_steps": a.eval_sampling_steps, "cfg_scale": a.eval_cfg_scale,
                       "ema_std": a.eval_ema_std, "seed": a.eval_seed, "precision": a.eval_precision,

@@ -224,8 +224,8 @@ def trajectory(tmp_path_factory):
 def test_posthoc_ema_from_the_snapshots_train_py_takes_by_default_is_accurate(tmp_path):
     """train.py's default spacing keeps a short run small (ten snapshots per profile for 2,000 steps);
     the post-hoc EMA of an untracked σ_rel from them is still within 1 % of the one tracked directly."""
-    import train
-    every = train.default_snapshot_spacing(2000)
+    from config import default_snapshot_spacing
+    every = default_snapshot_spacing(2000)
     d, pe, ref, _ = synthetic_run(tmp_path / "ema", every=every)
     assert every == 200 and len(E.list_snapshots(d)) == 2 * 10
     target = flat(ref.ema_state(0.07))

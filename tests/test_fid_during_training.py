@@ -161,12 +161,12 @@ def test_the_default_reference_count_is_all_on_a_gpu_and_a_few_hundred_on_a_cpu(
 def test_the_time_of_the_runs_reference_counts_in_the_cost_fraction(monkeypatch):
     """A reference computed for the run took 30 s; then 60 s of training and a 10 s evaluation: the
     evaluations cost (30 + 10) / 60 of the training time."""
-    import argparse
     import types
     import eval.during_training as during_training
+    from config import TrainConfig
     clock = types.SimpleNamespace(now=1000.0)
     monkeypatch.setattr(during_training.time, "perf_counter", lambda: clock.now)
-    fid = during_training.TrainingFID(argparse.Namespace(), None, {}, 0, 1, torch.device("cpu"), reference_seconds=30)
+    fid = during_training.TrainingFID(TrainConfig(), None, {}, 0, 1, torch.device("cpu"), reference_seconds=30)
     clock.now += 60
     assert fid.cost_fraction() == pytest.approx(30 / 60)
     fid.eval_seconds += 10

@@ -1,6 +1,5 @@
 """The follow-up paper's conditioning options: modulation parts (scale, shift, rotation, gate), MP Fourier
 timestep features, and the learning rate per kind of parameter."""
-import argparse
 import itertools
 import math
 
@@ -246,11 +245,10 @@ def test_a_modulation_run_trains_at_the_mp_rate_resumes_and_samples(tmp_path):
 
 def test_lr_alone_is_one_rate_and_old_runs_keep_theirs():
     import train
-    args = train.fill_defaults(train.build_parser().parse_args(["--lr", "3e-4"]))
-    assert (args.lr, args.mp_lr) == (3e-4, 3e-4)
-    args = train.fill_defaults(train.build_parser().parse_args([]))
-    assert (args.lr, args.mp_lr) == (1e-4, 1e-2)
-    args = train.fill_defaults(train.build_parser().parse_args(["--mp-lr", "5e-3"]))
-    assert (args.lr, args.mp_lr) == (1e-4, 5e-3)
-    old = train.resolve_learning_rates(argparse.Namespace(lr=1e-4, mp_lr=None))  # config.json without mp_lr
+    from config import TrainConfig
+    rates = lambda *argv: (lambda c: (c.lr, c.mp_lr))(TrainConfig.from_args(train.build_parser().parse_args(argv)))  # noqa: E731
+    assert rates("--lr", "3e-4") == (3e-4, 3e-4)
+    assert rates() == (1e-4, 1e-2)
+    assert rates("--mp-lr", "5e-3") == (1e-4, 5e-3)
+    old = TrainConfig.from_dict({"lr": 1e-4})  # config.json without mp_lr
     assert (old.lr, old.mp_lr) == (1e-4, 1e-4)

@@ -5,6 +5,7 @@ Everything trains DiT-XS/8 on the built-in digits (1x16x16, 10 classes: 4 tokens
 CPU core at batch 8) for a handful of steps.  Real processes are started with subprocess (and killed
 with real signals); the cheap error paths call `train.main` in this process.
 """
+import dataclasses
 import json
 import shutil
 import os
@@ -27,6 +28,7 @@ import train  # noqa: E402
 from helpers import only_run  # noqa: E402
 import training  # noqa: E402
 from models import build_model  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 
 MODEL = "DiT-XS/8"
@@ -38,6 +40,11 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
+
+def options(*argv):
+    """The TrainConfig of a train.py command line."""
+    return TrainConfig.from_args(train.build_parser().parse_args(argv))
 
 
 def run_train(args, timeout=240, **kw):
@@ -591,13 +598,107 @@ def test_resume_can_set_an_option_back_to_its_default(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "0000002.pt").write_bytes(b"")
-    args = train.fill_defaults(train.build_parser().parse_args([*FAST, "--keep-checkpoints", "2", "--lr", "1e-2"]))
-    (run / "config.json").write_text(json.dumps({"args": vars(args), "model": MODEL, "mp": MPConfig().to_dict(),
+    cfg = options(*FAST, "--keep-checkpoints", "2", "--lr", "1e-2")
+    (run / "config.json").write_text(json.dumps({"args": cfg.to_dict(), "model": MODEL, "mp": MPConfig().to_dict(),
                                                  "data": {}, "num_classes": 10, "in_channels": 1, "input_size": 16}))
     assert train.resolve_args(["--resume", str(run)])[0].keep_checkpoints == 2
     assert train.resolve_args(["--resume", str(run), "--keep-checkpoints", "0"])[0].keep_checkpoints == 0
     with pytest.raises(training.TrainingError, match="--lr differ"):
         train.resolve_args(["--resume", str(run), "--lr", "1e-4"])
+
+
+# The config.json that train.py at a9696b4 (before TrainConfig) wrote for
+#   train.py [FAST] --num-steps 6 --ckpt-every 3 --use-all-mp
+# Its "args" are that parser's namespace: the switches as given (off) with "use_all_mp": true, and "resume".
+OLD_CONFIG = os.path.join(ROOT, "tests", "fixtures", "config_a9696b4.json")
+OLD_RUN = [*FAST, "--num-steps", "6", "--ckpt-every", "3", "--use-all-mp"]
+
+
+def test_a_run_folder_of_the_config_json_before_train_config_resumes_exactly(tmp_path):
+    old = json.load(open(OLD_CONFIG))
+    assert old["args"]["use_all_mp"] and not old["args"]["use_mp_silu"] and "resume" in old["args"]  # (that format)
+    assert train.main([*OLD_RUN, "--results-dir", str(tmp_path / "a")]) == 0
+    assert train.main([*OLD_RUN, "--results-dir", str(tmp_path / "b")]) == 0
+    run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
+    # Run B as a kill after its first checkpoint leaves it, with the old code's config.json.
+    os.remove(os.path.join(run_b, "checkpoints", "0000006.pt"))
+    shutil.copy(OLD_CONFIG, os.path.join(run_b, "config.json"))
+    assert train.main(["--resume", run_b]) == 0
+    a, b = load_ckpt(run_a), load_ckpt(run_b)
+    assert a["step"] == b["step"] == 6
+    assert_states_close(b["model"], a["model"], atol=0)
+    assert_emas_close(b["ema"], a["ema"], atol=0)
+    assert [m["loss"] for m in read_jsonl(os.path.join(run_b, "metrics.jsonl"))] == \
+        [m["loss"] for m in read_jsonl(os.path.join(run_a, "metrics.jsonl"))]
+
+
+def test_a_runs_config_json_as_config_trains_the_same_run(existing, tmp_path):
+    config = os.path.join(existing["run"], "config.json")
+    assert train.main(["--config", config, "--results-dir", str(tmp_path / "again")]) == 0
+    again = only_run(tmp_path / "again")
+    assert_states_close(load_ckpt(again)["model"], load_ckpt(existing["run"])["model"], atol=0)
+    args = {k: v for k, v in json.load(open(os.path.join(again, "config.json")))["args"].items() if k != "results_dir"}
+    assert args == {k: v for k, v in json.load(open(config))["args"].items() if k != "results_dir"}
+
+
+def test_a_flag_overrides_the_config_file(existing, tmp_path):
+    config = os.path.join(existing["run"], "config.json")
+    assert train.main(["--config", config, "--num-steps", "2", "--ckpt-every", "2",
+                       "--results-dir", str(tmp_path / "shorter")]) == 0
+    run = only_run(tmp_path / "shorter")
+    assert checkpoint_steps(run) == [2]
+    args = json.load(open(os.path.join(run, "config.json")))["args"]
+    assert (args["num_steps"], args["model"], args["lr"]) == (2, MODEL, 1e-3)  # the rest from the file
+
+
+def test_the_options_are_checked_together_once_the_flags_are_applied_to_the_file(tmp_path):
+    (tmp_path / "c.json").write_text('{"compile_mode": "reduce-overhead"}')  # alone: needs --compile
+    cfg, _ = train.resolve_args(["--config", str(tmp_path / "c.json"), "--compile"])
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        train.resolve_args(["--config", str(tmp_path / "c.json")])
+
+
+def test_a_yaml_config_file_is_read_as_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("# a short run\nnum_steps: 7\nema_stds: [0.05]\nuse_all_mp: true\n")
+    cfg, _ = train.resolve_args(["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.num_steps, cfg.ema_stds, cfg.mp) == (7, (0.05,), MPConfig.all_on())
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"),
+    ("{num_steps: 3}", "is not valid JSON"),
+    ('["--num-steps", "3"]', "holds a list"),
+    ('{"num_step": 3}', "'num_step' is no option of train.py"),
+    ('{"num_steps": "3"}', "option num_steps is \"3\", where an integer belongs"),
+    ('{"ema_stds": 0.05}', "option ema_stds is 0.05, where a list of numbers belongs"),
+    ('{"precision": "fp8"}', "option precision is \"fp8\", where one of fp32, tf32, bf16 belongs"),
+    ('{"use_all_mp": "yes"}', "option use_all_mp is \"yes\", where true or false belongs"),
+], ids=["missing", "not-json", "not-a-dict", "unknown-option", "int-as-string", "number-for-list", "bad-choice",
+        "switch-as-string"])
+def test_a_bad_config_file_is_one_error_line_before_any_work(tmp_path, capsys, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    code, err = main_in_process(["--config", str(path), "--results-dir", str(tmp_path / "results")], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --config {path}") and message in err[0], err
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_option_a_later_train_py_dropped_is_ignored_on_resume_and_said(existing, tmp_path):
+    run = shutil.copytree(existing["run"], tmp_path / "run")
+    config = json.load(open(run / "config.json"))
+    config["args"]["old_option"] = 3
+    (run / "config.json").write_text(json.dumps(config))
+    cfg, resume = train.resolve_args(["--resume", str(run)])
+    assert cfg.num_steps == 3 and resume.notes == ["config.json's option old_option is no option of this train.py: "
+                                                   "ignored"]
+
+
+def test_the_config_round_trips_through_its_dict():
+    cfg = options(*FAST, "--use-all-mp", "--modulation", "gate+scale", "--ema-stds", "0.05", "0.1", "0.2",
+                  "--eval-every", "5", "--eval-ref-images", "all")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
@@ -614,9 +715,8 @@ def test_disk_plan_counts_the_files_still_to_write(start, snapshots, checkpoints
     """1000 steps, snapshots of two profiles every 4 steps and at the end; checkpoints at 300, 600, 900 and
     1000, of which 2 are kept (3 at the peak: the newest is written before the oldest goes). Snapshots are
     fp16, checkpoints fp32 weights + 2 Adam moments + 2 EMAs."""
-    args = train.fill_defaults(train.build_parser().parse_args(
-        ["--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2"]))
-    need, account = runs.disk_plan(args, n_params=1000, start_step=start)
+    cfg = options("--num-steps", "1000", "--ema-snapshot-every", "4", "--ckpt-every", "300", "--keep-checkpoints", "2")
+    need, account = runs.disk_plan(cfg, n_params=1000, start_step=start)
     assert need == snapshots * 1000 * 2 + checkpoints * 1000 * 4 * 5
     assert account.startswith(f"{snapshots} EMA snapshots") and f"and {checkpoints} checkpoint(s)" in account
 
@@ -666,17 +766,16 @@ def test_lr_factor_matches_design(W, D):
 @pytest.mark.parametrize("steps, every, snapshots", [(5, 1, 5), (40, 4, 10), (2000, 200, 10), (20_000, 1000, 20),
                                                      (100_000, 1000, 100), (400_000, 1600, 250)])
 def test_default_snapshot_spacing_is_one_per_thousand_steps_between_10_and_250_a_run(steps, every, snapshots):
-    args = train.fill_defaults(train.build_parser().parse_args(["--num-steps", str(steps)]))
-    assert args.ema_snapshot_every == every
+    assert options("--num-steps", str(steps)).ema_snapshot_every == every
     assert runs.saves_between(0, steps, every) == snapshots
 
 
 def test_the_readme_example_plans_under_a_gigabyte():
     """python train.py --model DiT-XS/2 --use-all-mp --num-steps 20000: 7.8 GB with the old steps//250."""
-    args = train.fill_defaults(train.build_parser().parse_args(["--use-all-mp", "--num-steps", "20000"]))
+    cfg = options("--use-all-mp", "--num-steps", "20000")
     n_params = sum(p.numel() for p in build_model("DiT-XS/2", in_channels=1, input_size=16, num_classes=10,
                                                   mp=MPConfig.all_on()).parameters())
-    need, account = runs.disk_plan(args, n_params, 0)
+    need, account = runs.disk_plan(cfg, n_params, 0)
     assert need < 1e9 and account.startswith("40 EMA snapshots")
 
 
@@ -695,8 +794,8 @@ def test_loader_processes_default_to_none_for_a_set_in_memory(tmp_path, monkeypa
 
 
 def test_lr_defaults_and_logged_schedule(tmp_path):
-    args = train.fill_defaults(train.build_parser().parse_args(["--num-steps", "1500"]))
-    assert (args.num_lin_warmup, args.start_decay) == (10, 150)
+    cfg = options("--num-steps", "1500")
+    assert (cfg.num_lin_warmup, cfg.start_decay) == (10, 150)
     # W = 0 and D = 0 train without error; the logged lr then stays the base lr.
     results = tmp_path / "results"
     assert train.main([*FAST, "--num-steps", "3", "--ckpt-every", "3", "--num-lin-warmup", "0", "--start-decay", "0",
@@ -879,9 +978,9 @@ def test_batch_gpu_must_divide_the_share_of_each_process(tmp_path, capsys):
 def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(switches):
     import copy
     from diffusion import create_diffusion
-    args = train.fill_defaults(train.build_parser().parse_args([*FAST, *switches]))
+    cfg = options(*FAST, *switches)
     torch.manual_seed(0)
-    base = build_model(MODEL, in_channels=1, input_size=16, num_classes=10, mp=MPConfig.from_args(args))
+    base = build_model(MODEL, in_channels=1, input_size=16, num_classes=10, mp=cfg.mp)
     diffusion = create_diffusion("")
     g = torch.Generator().manual_seed(1)
     x, noise = torch.randn(8, 1, 16, 16, generator=g), torch.randn(8, 1, 16, 16, generator=g)
@@ -890,8 +989,8 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(switches):
     grads = {}
     for name, checkpointing in (("plain", False), ("checkpointed", True)):
         model = copy.deepcopy(base).train()
-        args.grad_checkpointing = checkpointing
-        step_model = training.wrap_model(model, args, world_size=1, device=torch.device("cpu"))
+        step_model = training.wrap_model(model, dataclasses.replace(cfg, grad_checkpointing=checkpointing),
+                                         world_size=1, device=torch.device("cpu"))
         loss = diffusion.training_losses(step_model, x, t, model_kwargs={"y": y, "drop": drop}, noise=noise)["loss"]
         loss.mean().backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -4,7 +4,6 @@ A tiny randomly initialised AutoencoderKL (8 and 16 channels, 4 latent channels,
 latents) and a tiny image dataset written with `datasets`' save_to_disk (8 images of varied sizes, 2
 classes) stand in for the SD VAE and ImageNet: nothing is downloaded.
 """
-import argparse
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import torch
 import data as D
 import prepare_latents
 import training
+from config import TrainConfig
 from helpers import save_tiny_hf_dataset, save_tiny_vae
 
 SIZE = 16  # pixels; the tiny VAE halves once: 4 x 8 x 8 latents
@@ -41,8 +41,8 @@ def files(tmp_path_factory):
 
 def step_batch(dataset, step, seed=3, batch=4):
     """The (x, y) that training step `step` sees: the step-indexed loader, then the dataset's model batch."""
-    args = argparse.Namespace(batch_size=batch, seed=seed, num_workers=0)
-    loader = training.make_loader(dataset, args, 0, 1, step, torch.device("cpu"))
+    cfg = TrainConfig(batch_size=batch, seed=seed, num_workers=0)
+    loader = training.make_loader(dataset, cfg, 0, 1, step, torch.device("cpu"))
     return dataset.model_batch(next(iter(loader)), "cpu")
 
 

@@ -3,7 +3,7 @@
 misspelt option is answered with the one meant.
 
 A tool's error messages are the string literals of its own file (docstrings left out) and of the
-library modules whose errors speak for it (train.py: training.py, eval/during_training.py, logs.py).
+library modules whose errors speak for it (train.py: config.py, training.py, eval/during_training.py, logs.py).
 """
 import ast
 import importlib
@@ -16,7 +16,7 @@ import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = {  # module -> the files whose messages it prints
-    "train": ["train.py", "training.py", "eval/during_training.py", "logs.py"],
+    "train": ["train.py", "config.py", "training.py", "eval/during_training.py", "logs.py"],
     "sample": ["sample.py"],
     "ema": ["ema.py"],
     "plots": ["plots.py"],
