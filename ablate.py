@@ -55,10 +55,11 @@ import data  # noqa: E402
 from atomic import atomic_write_text  # noqa: E402
 from diffusion.sampling import SAMPLERS  # noqa: E402
 from eval.fid import FIDError  # noqa: E402
+from logs import append_jsonl, read_jsonl  # noqa: E402
 from models import DiT, count_parameters  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 from plots import plot_fid_bands, save_figure  # noqa: E402
-from runs import append_jsonl, list_checkpoints, load_run_config, model_from_config, read_jsonl  # noqa: E402
+from runs import list_checkpoints, load_run_config, model_from_config  # noqa: E402
 from training import mp_parameters  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))

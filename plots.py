@@ -17,9 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
-from logs import format_rates  # noqa: E402
+from logs import format_rates, read_jsonl  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
-from runs import read_jsonl  # noqa: E402
 
 
 def save_figure(fig, path: str) -> None:

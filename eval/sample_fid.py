@@ -38,7 +38,8 @@ from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
 from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, reference_images,
                             reference_statistics)
 from fast_paths import apply_fast_paths
-from runs import RunError, append_jsonl, find_checkpoint, load_run_model, with_vae
+from logs import append_jsonl
+from runs import RunError, find_checkpoint, load_run_model, with_vae
 from cli import Parser
 from sample import (add_sampling_arguments, check_output, check_sample_count, check_sampling_args, generate,
                     load_guide, precision_tag, resolve_run_dir, sampling_tag)

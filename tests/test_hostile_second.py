@@ -735,6 +735,7 @@ def test_ctrl_c_in_a_real_sample_py_process_is_one_line_and_exit_130(run, tmp_pa
 
 
 def test_a_tool_never_follows_a_link_where_it_writes_a_file(tmp_path):
+    import logs
     import runs
     target = outside(str(tmp_path))
     before = open(target).read()
@@ -742,7 +743,7 @@ def test_a_tool_never_follows_a_link_where_it_writes_a_file(tmp_path):
     os.symlink(target, tmp_path / ".lock")
     os.symlink(target, tmp_path / "log.txt")
     with pytest.raises(OSError):
-        runs.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
+        logs.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
     with pytest.raises(OSError):
         runs.RunLock(str(tmp_path))
     with pytest.raises(OSError):
