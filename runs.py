@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 
@@ -456,7 +457,7 @@ class Run:
         if not self.writer:
             return
         try:
-            import plots
+            import plots  # (here: matplotlib loads only in the process that draws, not in every reader of runs)
             if what == "loss":
                 plots.plot_loss(self.path)
             elif what == "fid":
@@ -511,7 +512,7 @@ class RunLock:
             self.take(run_dir)
 
     def take(self, run_dir: str) -> None:
-        import fcntl
+        import fcntl  # (POSIX only: here, so that readers of a run folder import runs on any system)
         fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -524,7 +525,6 @@ class RunLock:
 
     def name_holder(self) -> None:
         """Write this process (pid, host, since when) into the lock file, for the error a second writer gets."""
-        import socket
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "

@@ -5,7 +5,7 @@ Convergence speed is where magnitude preservation claims to help, and one FID at
 and scored against the run's reference statistics. The draw is eval/sample_fid.py's: the same labels,
 noise and batching for the same seed, so the number equals what
 
-    python eval/sample_fid.py --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
+    python -m eval.sample_fid --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
         --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --precision P --ref REF
 
 computes afterwards from the checkpoint of that step (a test holds them equal; P is --eval-precision, fp32 by
@@ -29,6 +29,11 @@ from diffusion.sampling import SAMPLERS
 from eval.fid import FIDError, compute_statistics, fid_from_images
 from eval.inception import load_inception, resolve_device
 from eval.ref_stats import ref_images_argument
+from eval.sample_fid import fid_labels
+from eval.sample_fid import resolve_reference as sample_fid_reference
+from fast_paths import apply_fast_paths
+from runs import load_weights, model_from_config
+from sample import generate
 
 LOG_NAME = "fid_during_training.jsonl"
 
@@ -90,13 +95,12 @@ def resolve_reference(args, dataset, rank: int, world_size: int) -> tuple[str | 
     """The reference path (rank 0; None elsewhere), resolved as eval/sample_fid.py does: "auto" computes the
     built-in dataset's statistics once into RESULTS/refs/, which sample_fid then reuses; and the seconds it
     took (part of what the evaluations cost)."""
-    from eval.sample_fid import resolve_reference as resolve
     path, began = None, time.perf_counter()
     if rank == 0 and args.eval_every:
         config = {"data": dataset.describe(), "input_size": dataset.resolution}
-        path = resolve(args.eval_ref, config, os.path.abspath(args.results_dir), args.inception_weights,
-                       ref_images=getattr(args, "eval_ref_images", None), log=lambda line: print(line, flush=True),
-                       flag="--eval-ref")
+        path = sample_fid_reference(args.eval_ref, config, os.path.abspath(args.results_dir),
+                                    args.inception_weights, ref_images=getattr(args, "eval_ref_images", None),
+                                    log=lambda line: print(line, flush=True), flag="--eval-ref")
     if world_size > 1:
         dist.barrier()  # the others wait while rank 0 computes a missing reference
     return path, time.perf_counter() - began
@@ -118,10 +122,6 @@ class TrainingFID:
         return bool(self.args.eval_every) and (step % self.args.eval_every == 0 or last)
 
     def _sample_share(self, state) -> np.ndarray:
-        from eval.sample_fid import fid_labels
-        from fast_paths import apply_fast_paths
-        from runs import load_weights, model_from_config
-        from sample import generate
         a = self.args
         model = model_from_config(self.config)
         load_weights(model, state.ema.ema_state(a.eval_ema_std), f"the tracked EMA σ_rel={a.eval_ema_std:g}")

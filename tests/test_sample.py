@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ema  # noqa: E402
-import eval.fid as fid_mod  # noqa: E402
+import eval.evaluate as evaluate_mod  # noqa: E402
 import eval.sample_fid as sample_fid  # noqa: E402
 import phema  # noqa: E402
 import runs  # noqa: E402
@@ -406,10 +406,10 @@ def test_fid_size_mismatch_is_reported_before_inception(tmp_path, monkeypatch, c
     def no_inception(*a, **k):
         raise AssertionError("Inception must not be loaded before the inputs are checked")
 
-    monkeypatch.setattr(fid_mod, "load_inception", no_inception)
+    monkeypatch.setattr(evaluate_mod, "load_inception", no_inception)
     # A missing weights file must not matter either: the size check comes first.
-    rc = fid_mod.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights",
-                       str(tmp_path / "missing.pt"), "--no-progress"])
+    rc = evaluate_mod.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights",
+                            str(tmp_path / "missing.pt"), "--no-progress"])
     assert rc == 2
     captured = capsys.readouterr()
     line = one_error_line(captured.err)
