@@ -26,13 +26,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__" and not __package__:  # (run as a file, the repository root is not importable)
     print("error: run it from the repository root as a module: python -m benchmarks.durability", file=sys.stderr)
     sys.exit(2)
 
+import data  # noqa: E402
 from atomic import TEMP_RE  # noqa: E402
 from runs import list_checkpoints  # noqa: E402
 
@@ -212,7 +215,6 @@ def same(a: dict, b: dict) -> bool:
 
 def latent_folder_state(folder: str, reference: dict) -> str:
     """How a reader sees the folder a kill left: the reference, absent, or refused (marked INCOMPLETE)."""
-    import data
     contents = tree_contents(folder)
     if not any(name in contents for name in data.LATENT_FILES):
         return "no latent files"
@@ -259,9 +261,7 @@ def export_try(work: str, k: int, rng: random.Random, run_dir: str, reference: d
 
 def tiny_inputs(work: str) -> tuple[str, str]:
     """An ImageFolder of 24 images (2 classes) and a tiny random VAE (saved with save_pretrained)."""
-    import numpy as np
-    from diffusers import AutoencoderKL
-    from PIL import Image
+    from diffusers import AutoencoderKL  # (lazy: diffusers takes seconds to import, and only this part needs it)
     images = os.path.join(work, "images")
     gen = np.random.default_rng(0)
     for i in range(24):
