@@ -326,9 +326,9 @@ def main(argv=None) -> int:
             extractor = None
         dinov2 = None
         if args.fd_dinov2:  # the network and the reference's images checked before any work
-            if reference.images is None:
-                raise FIDError(f"--fd-dinov2 needs the reference's images; {args.reference} holds Inception "
-                               f"statistics only")
+            for s, path in ((samples, args.samples), (reference, args.reference)):
+                if s.images is None:
+                    raise FIDError(f"--fd-dinov2 needs both sets as images; {path} holds Inception statistics only")
             dinov2 = load_dinov2(args.dinov2_weights, device)
         progress = not args.no_progress
         for s in (samples, reference):
