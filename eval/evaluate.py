@@ -172,8 +172,8 @@ def evaluate(samples: EvalSet, reference: EvalSet, *, method: str | None = None,
     if "inception_score" in metrics:
         if "logits" in fs:
             result["inception_score"] = inception_score(fs["logits"])
-        elif samples.images is None:
-            notes["inception_score"] = f"{samples.name} holds no images; the Inception Score needs them"
+        elif samples.images is None and not samples.features:  # (statistics only: no classifier can help)
+            notes["inception_score"] = f"{samples.name} holds statistics only; the Inception Score needs images"
         else:
             notes["inception_score"] = (f"the bundled Inception has no classifier head; pass {classifier_hint} "
                                         f"{CLASSIFIER_FILE} (pytorch-fid's weights, with fc.weight) to compute it")
