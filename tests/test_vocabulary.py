@@ -159,3 +159,8 @@ def test_sample_takes_the_run_from_a_checkpoint_file(tmp_path):
     assert sample.resolve_run_dir(args) == str(run)
     with pytest.raises(sample.RunError, match="--run-dir RUN is required"):
         sample.resolve_run_dir(argparse.Namespace(run_dir=None, ckpt="10"))
+
+
+def test_a_flag_after_a_module_command_belongs_to_that_module():
+    line = "compute one with python -m eval.ref_stats --data-path D, then pass --eval-ref; python -m pytest -x"
+    assert named_flags(line, "train") == [("eval.ref_stats", "--data-path"), ("train", "--eval-ref")]
