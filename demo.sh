@@ -18,7 +18,7 @@ RUN=$(ls -d "$OUT"/*-DiT-XXS-2 | sort | tail -n 1)
 "$PY" sample.py --run-dir "$RUN" --num-samples 10 --sampler dpm-solver++ --num-sampling-steps 20 \
   --cfg-scale 3 --output "$RUN/samples/grid.png"
 if [ "${DEMO_FID:-0}" = 1 ]; then
-  "$PY" eval/sample_fid.py --run-dir "$RUN" --num-samples 400 --num-sampling-steps 20 --sampler dpm-solver++ \
+  "$PY" -m eval.sample_fid --run-dir "$RUN" --num-samples 400 --num-sampling-steps 20 --sampler dpm-solver++ \
     --cfg-scale 1.5 --batch-size 400
 fi
 

@@ -1,5 +1,6 @@
-"""What a training run reports besides its run folder's own files: the ETA of its log lines, and the
-experiment trackers (`--tensorboard`, `--wandb`) that receive every record the run appends to its jsonl logs.
+"""What a training run reports: its jsonl logs (`append_jsonl`, `read_jsonl`, `truncate_jsonl` at a resume),
+the ETA of its log lines, and the experiment trackers (`--tensorboard`, `--wandb`) that receive every record
+the run appends to its jsonl logs.
 
 The trackers are fed from the jsonl records themselves (runs.Run.append hands each one over), so a curve in
 TensorBoard or W&B is the jsonl log by construction:
@@ -16,12 +17,15 @@ not a dependency, and --wandb without it installed is one error line before anyt
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from atomic import atomic_write_text, nofollow_opener
 
 if TYPE_CHECKING:  # (config.py imports training.py, which imports runs.py, which imports this module)
     from config import TrainConfig
@@ -172,7 +176,6 @@ def open_wandb(cfg: TrainConfig, run_path: str):
     """A W&B run for the run folder: the same W&B run again on resume (its id is kept in RUN/wandb_id.txt).
     WANDB_MODE (online, offline, disabled) and the other WANDB_* variables are wandb's own."""
     import wandb
-    from atomic import atomic_write_text
     id_path = os.path.join(run_path, WANDB_ID_FILE)
     if os.path.isfile(id_path):
         with open(id_path) as f:
@@ -182,3 +185,42 @@ def open_wandb(cfg: TrainConfig, run_path: str):
         atomic_write_text(id_path, run_id + "\n")
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or os.path.basename(run_path), id=run_id,
                       resume="allow", dir=run_path, config=cfg.to_dict())
+
+
+# The jsonl logs of a run folder (metrics, magnitudes, FIDs): appended to, read back, cut at a resume.
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines log (metrics, magnitudes, FIDs); [] if it does not exist. A line that
+    is not JSON (cut short by a crash or a full disk in the middle of an append) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):  # (a cut line can also parse, as a bare number)
+                records.append(record)
+    return records
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """One JSON record per line. After a line cut short (a crash or a full disk mid-append) it starts a new
+    line, so that only the cut line is lost (read_jsonl skips it)."""
+    with open(path, "ab+", opener=nofollow_opener) as f:  # (a linked log never appends outside the run)
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop records after `last_step` (written after the checkpoint we resume from), and a last line cut
+    short by the interruption."""
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

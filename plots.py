@@ -17,9 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
-from logs import format_rates  # noqa: E402
+from cli import Parser  # noqa: E402
+from logs import format_rates, read_jsonl  # noqa: E402
 from mp_layers import MPConfig  # noqa: E402
-from runs import read_jsonl  # noqa: E402
 
 
 def save_figure(fig, path: str) -> None:
@@ -208,7 +208,6 @@ def plot_fid_bands(groups: list[tuple[str, list[list[tuple[int, float]]]]], out:
 
 
 def main(argv=None) -> int:
-    from cli import Parser
     p = Parser(description=__doc__)
     p.add_argument("runs", nargs="*", help="run folders written by train.py")
     p.add_argument("--out", default=None,

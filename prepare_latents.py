@@ -35,10 +35,12 @@ import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 import limits
 from atomic import (LinkError, atomic_path, atomic_write_text, check_output_dir, interruptible, refuse_links,
                     remove_stale_temporaries_of, torch_save_file)
+from cli import Parser
 import data.hf
 from data import (DEFAULT_VAE, LATENT_FILES, LATENT_FLIP_FILES, LATENT_INCOMPLETE, DatasetError, FolderSource,
                   encode_posterior, load_vae, mixture_stats, open_image_source, resolve_vae_name,
@@ -76,7 +78,6 @@ def _device(name: str) -> torch.device:
 
 
 def parse_args(argv=None):
-    from cli import Parser
     p = Parser(description="Encode images into MaP-DiT / map-dit latent files.")
     p.add_argument("--data-path", required=True,
                    help="ImageFolder root (ROOT/<class>/<images>) or Hugging Face dataset (save_to_disk folder, hub "
@@ -136,8 +137,6 @@ def run(args) -> dict:
     device = _device(args.device)
     vae_name = resolve_vae_name(args.vae)
     vae = load_vae(vae_name, device)
-
-    from tqdm import tqdm
 
     loader = DataLoader(_Pixels(source, args.image_size, args.random_flip), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda")

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -25,10 +26,10 @@ import torch.distributed as dist
 
 from atomic import (TEMP_RE, DamagedFileError, LinkError, atomic_torch_save, atomic_write_text, load_torch_file,
                     non_finite_entry, nofollow_opener, refuse_links, sync_files, temp_prefix)
-from ema import reconstruct_ema
-from logs import RateWindow, Trackers, format_rates
+from logs import RateWindow, Trackers, append_jsonl, format_rates, truncate_jsonl
 from models import DiT, build_model
 from mp_layers import MPConfig
+from phema import reconstruct_ema
 
 if TYPE_CHECKING:  # (config.py imports training.py, which imports this module)
     from config import TrainConfig
@@ -49,47 +50,11 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines log (metrics, magnitudes, FIDs); [] if it does not exist. A line that
-    is not JSON (cut short by a crash or a full disk in the middle of an append) is skipped."""
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):  # (a cut line can also parse, as a bare number)
-                records.append(record)
-    return records
-
-
 # What train.py writes into config.json and into every checkpoint (and what readers rely on).
 CONFIG_KEYS = {"args": dict, "model": str, "mp": dict}  # what resuming needs; rebuilding the model needs more:
 MODEL_KEYS = {"data": dict, "num_classes": int, "in_channels": int, "input_size": int}
 CHECKPOINT_KEYS = {"model": dict, "ema": dict, "opt": dict, "lr_scheduler": dict, "step": int, "rng": dict,
                    "args": dict}
-
-
-def append_jsonl(path: str, record: dict) -> None:
-    """One JSON record per line. After a line cut short (a crash or a full disk mid-append) it starts a new
-    line, so that only the cut line is lost (read_jsonl skips it)."""
-    with open(path, "ab+", opener=nofollow_opener) as f:  # (a linked log never appends outside the run)
-        if f.seek(0, os.SEEK_END):
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write((json.dumps(record) + "\n").encode())
-
-
-def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop records after `last_step` (written after the checkpoint we resume from), and a last line cut
-    short by the interruption."""
-    if os.path.isfile(path):
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def load_run_config(run_dir: str) -> dict:
@@ -465,7 +430,7 @@ class Run:
         if not self.writer:
             return
         try:
-            import plots
+            import plots  # (here: matplotlib loads only in the process that draws, not in every reader of runs)
             if what == "loss":
                 plots.plot_loss(self.path)
             elif what == "fid":
@@ -520,7 +485,7 @@ class RunLock:
             self.take(run_dir)
 
     def take(self, run_dir: str) -> None:
-        import fcntl
+        import fcntl  # (POSIX only: here, so that readers of a run folder import runs on any system)
         fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -533,7 +498,6 @@ class RunLock:
 
     def name_holder(self) -> None:
         """Write this process (pid, host, since when) into the lock file, for the error a second writer gets."""
-        import socket
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
 import runs
-from ema import PowerEMA
+from phema import PowerEMA
 from fast_paths import apply_fast_paths
 from models import DiT, build_model
 from mp_layers import MPEmbedding, MPLinear

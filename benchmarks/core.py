@@ -18,7 +18,7 @@ import torch
 import torch._dynamo
 
 from diffusion import create_diffusion
-from ema import PowerEMA
+from phema import PowerEMA
 from fast_paths import apply_fast_paths, frozen_weights
 from models import MODEL_NAMES, build_model
 from mp_layers import MPConfig

@@ -7,22 +7,24 @@ the count is exact and the same on every machine. The table lists each operation
 between the first switch set and the others. On a CPU the speed layer reads each weight-normalised group of
 weights from one shared storage; a GPU concatenates them, one operation per group of several layers more.
 
-    python benchmarks/count_ops.py                                  # DiT-XS/2, none vs all eight
-    python benchmarks/count_ops.py --model DiT-S/4 --switches none use_weight_normalization all
-    python benchmarks/count_ops.py --switches none all all:scale+rotation+gate   # SET:MODULATION
+    python -m benchmarks.count_ops                                  # DiT-XS/2, none vs all eight
+    python -m benchmarks.count_ops --model DiT-S/4 --switches none use_weight_normalization all
+    python -m benchmarks.count_ops --switches none all all:scale+rotation+gate   # SET:MODULATION
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import dataclasses
-import os
 import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:  # (run as a file, the repository root is not importable)
+    print("error: run it from the repository root as a module: python -m benchmarks.count_ops", file=sys.stderr)
+    sys.exit(2)
+
 from benchmarks import core  # noqa: E402
 from fast_paths import apply_fast_paths  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
@@ -69,7 +71,8 @@ def count_ops(model_name: str, mp: MPConfig, batch: int = 2, size: int = 16, cha
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.count_ops", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XS/2", choices=MODEL_NAMES, metavar="NAME")
     p.add_argument("--switches", nargs="+", default=["none", "all"],
                    help="none, all, or switch names joined by + (e.g. use_weight_normalization+use_mp_silu), each "

@@ -2,7 +2,7 @@
 resume; the resumed run must end with exactly the weights, EMAs, Adam state and snapshots of a run that was
 never interrupted, and no temporary file may be left.
 
-python benchmarks/durability.py [--tries 6] [--tool-tries 4] [--seed 0] [--work /tmp/durability]
+python -m benchmarks.durability [--tries 6] [--tool-tries 4] [--seed 0] [--work /tmp/durability]
 
 Each try starts the same small run (DiT-XS/8 on the built-in digits, 12 steps, a checkpoint every 4 and
 snapshots every 2), kills it with SIGKILL one to three times (at a random moment, or the instant a
@@ -26,11 +26,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__" and not __package__:  # (run as a file, the repository root is not importable)
+    print("error: run it from the repository root as a module: python -m benchmarks.durability", file=sys.stderr)
+    sys.exit(2)
 
+import data  # noqa: E402
 from atomic import TEMP_RE  # noqa: E402
 from runs import list_checkpoints  # noqa: E402
 
@@ -210,7 +215,6 @@ def same(a: dict, b: dict) -> bool:
 
 def latent_folder_state(folder: str, reference: dict) -> str:
     """How a reader sees the folder a kill left: the reference, absent, or refused (marked INCOMPLETE)."""
-    import data
     contents = tree_contents(folder)
     if not any(name in contents for name in data.LATENT_FILES):
         return "no latent files"
@@ -257,9 +261,7 @@ def export_try(work: str, k: int, rng: random.Random, run_dir: str, reference: d
 
 def tiny_inputs(work: str) -> tuple[str, str]:
     """An ImageFolder of 24 images (2 classes) and a tiny random VAE (saved with save_pretrained)."""
-    import numpy as np
-    from diffusers import AutoencoderKL
-    from PIL import Image
+    from diffusers import AutoencoderKL  # (lazy: diffusers takes seconds to import, and only this part needs it)
     images = os.path.join(work, "images")
     gen = np.random.default_rng(0)
     for i in range(24):
@@ -304,7 +306,8 @@ def other_writers(work: str, tries: int, rng: random.Random) -> list[bool]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.durability", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tries", type=int, default=6, help="kill -9 tries (each 1-3 kills)")
     p.add_argument("--tool-tries", type=int, default=4,
                    help="kill -9 tries of prepare_latents.py and of ema.py --export (each)")

@@ -28,7 +28,6 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 WORKER = """
 import sys, time
 import numpy as np
-sys.path.insert(0, {root!r})
 from eval.fid import frechet_distance
 d, method = {dim}, {method!r}
 rng = np.random.default_rng(0)
@@ -43,8 +42,8 @@ print(time.perf_counter() - t, fid)
 def run(method: str, dim: int, processes: int, threads: int) -> tuple[float, float]:
     """(wall seconds of the slowest of `processes` concurrent distances, the distance)."""
     env = {**os.environ, **{v: str(threads) for v in THREAD_VARS}}
-    code = WORKER.format(root=ROOT, dim=dim, method=method)
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    code = WORKER.format(dim=dim, method=method)  # (run in the repository root, where `eval` is importable)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(processes)]
     outs = [p.communicate()[0].split() for p in procs]
     if any(p.returncode for p in procs):

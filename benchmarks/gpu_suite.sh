@@ -37,7 +37,7 @@ step bench-compile-cudagraphs "$T1" env TORCH_LOGS=perf_hints "$PY" bench.py --m
   --compile on --compile-mode reduce-overhead --time-budget $((T1 - 60)) --out "$OUT/bench-compile-cudagraphs"
 step bench-compile "$T2" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 \
   --compile on --time-budget $((T2 - 60)) --out "$OUT/bench-compile"
-step profile-s4 "${T3:-75}" "$PY" benchmarks/profile_step.py --model DiT-S/4:16 --precision bf16 --compile on
+step profile-s4 "${T3:-75}" "$PY" -m benchmarks.profile_step --model DiT-S/4:16 --precision bf16 --compile on
 step bench-eager "${T4:-75}" "$PY" bench.py --models "${MODELS[@]}" "${COMMON[@]}" --precisions bf16 tf32 \
   --compile off --time-budget 60 --out "$OUT/bench-eager"
 runs=$(mktemp -d)

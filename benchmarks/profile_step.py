@@ -9,21 +9,23 @@ and the kernels that differ most in count between the switch sets. When wall tim
 time, the step is bound by launching kernels, not by computing them: fewer kernels or CUDA graphs
 (--compile-mode reduce-overhead) is then what makes it faster.
 
-    python benchmarks/profile_step.py --model DiT-S/4:16 --precision bf16 --compile on
-    python benchmarks/profile_step.py --model DiT-XS/2:8 --device cpu --batch-size 8   # smoke test
+    python -m benchmarks.profile_step --model DiT-S/4:16 --precision bf16 --compile on
+    python -m benchmarks.profile_step --model DiT-XS/2:8 --device cpu --batch-size 8   # smoke test
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:  # (run as a file, the repository root is not importable)
+    print("error: run it from the repository root as a module: python -m benchmarks.profile_step", file=sys.stderr)
+    sys.exit(2)
+
 from benchmarks import core  # noqa: E402
 from training import COMPILE_MODES  # noqa: E402
 
@@ -56,7 +58,8 @@ def short(name: str, width: int = 70) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/4:16", help="NAME:SIZE[:CHANNELS] as in bench.py")
     p.add_argument("--switches", nargs="+", default=["none", "all"], help="as in bench.py")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="bf16")

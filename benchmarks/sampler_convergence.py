@@ -1,6 +1,7 @@
 """How fast each sampler converges to the probability-flow ODE's solution, on a small trained model.
 
-python benchmarks/sampler_convergence.py [--train-steps 400] [--out benchmarks/results/sampler_convergence.md]
+python -m benchmarks.sampler_convergence [--train-steps 400] [--out benchmarks/results/sampler_convergence.md]
+(from the repository root)
 
 Trains a small DiT (depth 4, width 64, patch 2, learned variance) on the built-in digits at 8×8 for
 --train-steps Adam steps (a minute or two on a CPU), then samples the same initial noise and labels with
@@ -18,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # (run as a file, the repository root is not importable)
+    print("error: run it from the repository root as a module: python -m benchmarks.sampler_convergence",
+          file=sys.stderr)
+    sys.exit(2)
 
 import torch  # noqa: E402
 
@@ -98,7 +102,8 @@ def markdown(result: dict, steps, meta: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sampler_convergence", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-steps", type=int, default=400)
     p.add_argument("--num-images", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     meta = (f"Sampler convergence: small DiT (depth 4, width 64, patch 2) trained {args.train_steps} Adam steps on "
             f"digits 8×8 (final loss {sum(losses[-50:]) / 50:.4f}); {args.num_images} images, CFG scale "
             f"{args.cfg_scale:g}; RMS distance to 1,000-step DDIM (η = 0) from the same noise "
-            f"(`python benchmarks/sampler_convergence.py --train-steps {args.train_steps}`, "
+            f"(`python -m benchmarks.sampler_convergence --train-steps {args.train_steps}`, "
             f"{time.perf_counter() - start:.0f} s of sampling).")
     text = markdown(result, STEPS, meta)
     print(text)

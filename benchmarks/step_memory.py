@@ -1,6 +1,6 @@
 """Peak resident memory of one training step on the CPU, with and without gradient checkpointing.
 
-python benchmarks/step_memory.py [--model DiT-S/2 --batch 16 --size 16]
+python -m benchmarks.step_memory [--model DiT-S/2 --batch 16 --size 16]
 
 Each setting runs in its own process (the peak resident size of a process only grows), all eight
 switches, and reports the process's peak before and after the step (getrusage's ru_maxrss): the
@@ -14,11 +14,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__" and not __package__:  # (run as a file, the repository root is not importable)
+    print("error: run it from the repository root as a module: python -m benchmarks.step_memory", file=sys.stderr)
+    sys.exit(2)
 
 
 def one_step(model_name: str, batch: int, size: int, checkpointing: bool) -> None:
-    sys.path.insert(0, ROOT)
-    import torch
+    import torch  # (the child's imports: the parent only starts the children)
     import training
     from config import TrainConfig
     from diffusion import create_diffusion
@@ -41,7 +43,8 @@ def one_step(model_name: str, batch: int, size: int, checkpointing: bool) -> Non
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=16, help="latent resolution")
@@ -51,8 +54,8 @@ def main() -> int:
         one_step(args.model, args.batch, args.size, args.one == "on")
         return 0
     for setting in ("off", "on"):
-        subprocess.run([sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-                        "--size", str(args.size), "--one", setting], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.step_memory", "--model", args.model,
+                        "--batch", str(args.batch), "--size", str(args.size), "--one", setting], check=True, cwd=ROOT)
     return 0
 
 

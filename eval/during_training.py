@@ -5,7 +5,7 @@ Convergence speed is where magnitude preservation claims to help, and one FID at
 and scored against the run's reference statistics. The draw is eval/sample_fid.py's: the same labels,
 noise and batching for the same seed, so the number equals what
 
-    python eval/sample_fid.py --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
+    python -m eval.sample_fid --run-dir RUN --ckpt STEP --ckpt-ema --ema-std S --num-samples N \
         --sampler X --num-sampling-steps K --cfg-scale C --seed SEED --precision P --ref REF
 
 computes afterwards from the checkpoint of that step (a test holds them equal; P is --eval-precision, fp32 by
@@ -29,6 +29,12 @@ import torch.distributed as dist
 from eval.fid import compute_statistics, fid_from_images
 from eval.inception import load_inception, resolve_device
 
+from eval.sample_fid import fid_labels
+from eval.sample_fid import resolve_reference as sample_fid_reference
+from fast_paths import apply_fast_paths
+from runs import load_weights, model_from_config
+from sample import generate
+
 if TYPE_CHECKING:  # (config.py imports this package's modules)
     from config import TrainConfig
 
@@ -39,13 +45,12 @@ def resolve_reference(cfg: TrainConfig, dataset, rank: int, world_size: int) -> 
     """The reference path (rank 0; None elsewhere), resolved as eval/sample_fid.py does: "auto" computes the
     built-in dataset's statistics once into RESULTS/refs/, which sample_fid then reuses; and the seconds it
     took (part of what the evaluations cost)."""
-    from eval.sample_fid import resolve_reference as resolve
     path, began = None, time.perf_counter()
     if rank == 0 and cfg.eval_every:
         config = {"data": dataset.describe(), "input_size": dataset.resolution}
-        path = resolve(cfg.eval_ref, config, os.path.abspath(cfg.results_dir), cfg.inception_weights,
-                       ref_images=cfg.eval_ref_images, log=lambda line: print(line, flush=True),
-                       flag="--eval-ref")
+        path = sample_fid_reference(cfg.eval_ref, config, os.path.abspath(cfg.results_dir), cfg.inception_weights,
+                                    ref_images=cfg.eval_ref_images, log=lambda line: print(line, flush=True),
+                                    flag="--eval-ref")
     if world_size > 1:
         dist.barrier()  # the others wait while rank 0 computes a missing reference
     return path, time.perf_counter() - began
@@ -67,10 +72,6 @@ class TrainingFID:
         return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or last)
 
     def _sample_share(self, state) -> np.ndarray:
-        from eval.sample_fid import fid_labels
-        from fast_paths import apply_fast_paths
-        from runs import load_weights, model_from_config
-        from sample import generate
         a = self.cfg
         model = model_from_config(self.config)
         load_weights(model, state.ema.ema_state(a.eval_ema_std), f"the tracked EMA σ_rel={a.eval_ema_std:g}")

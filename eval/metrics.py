@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import log_softmax, logsumexp
 
 NEIGHBOURS = 3
 IS_SPLIT_SIZE = 5000
@@ -60,8 +61,6 @@ def precision_recall(reference, samples, k: int = NEIGHBOURS, device="cpu", bloc
 
 def inception_score(logits, split_size: int = IS_SPLIT_SIZE) -> float:
     """exp(E_x KL(p(y|x) ‖ p(y))) per split of `split_size` images (p(y) the split's mean), averaged."""
-    from scipy.special import log_softmax, logsumexp
-
     log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # in logs: no 0 · log 0 for unused classes
     scores = []
     for i in range(0, len(log_p), split_size):

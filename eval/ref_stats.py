@@ -1,8 +1,8 @@
 """Inception reference statistics and features of a dataset's real images, for eval/evaluate.py.
 
-python eval/ref_stats.py --data-path digits --out refs/digits.npz
-python eval/ref_stats.py --data-path mnist-test --out refs/mnist-test.npz
-python eval/ref_stats.py --data-path LATENT_DIR --out refs/imagenet128.npz   # decoded with the set's VAE
+python -m eval.ref_stats --data-path digits --out refs/digits.npz          (from the repository root)
+python -m eval.ref_stats --data-path mnist-test --out refs/mnist-test.npz
+python -m eval.ref_stats --data-path LATENT_DIR --out refs/imagenet128.npz   # decoded with the set's VAE
 
 Pixel sets (ImageFolder, digits, MNIST) are used as they are (the normalisation undone); latent sets are
 decoded with their VAE, so the reference sees what the generator's samples will look like. The file holds
@@ -14,10 +14,11 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __name__ == "__main__" and not __package__:  # `python eval/ref_stats.py`: the package `eval` is not importable
+    print("error: run it from the repository root as a module: python -m eval.ref_stats --data-path DATA --out OUT.npz",
+          file=sys.stderr)
+    sys.exit(2)
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from tqdm import tqdm
 import data
 import data.hf
 from atomic import interruptible
+from cli import Parser
 from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, load_inception, resolve_device
@@ -127,8 +129,7 @@ def _is_complete(path: str) -> bool:
 
 @interruptible("no statistics were written")
 def main(argv=None) -> int:
-    from cli import Parser
-    p = Parser(description=__doc__)
+    p = Parser(prog="python -m eval.ref_stats", description=__doc__)
     p.add_argument("--data-path", required=True,
                    help="digits, mnist, mnist-test, a latent folder, an ImageFolder or a Hugging Face dataset")
     p.add_argument("--image-size", type=int, default=None)

@@ -1,8 +1,8 @@
 """FID-10K of a trained run (and the rest of the ADM evaluator's metrics), with the paper's protocol as defaults.
 
-python eval/sample_fid.py --run-dir results/000-DiT-XS-2
-python eval/sample_fid.py --run-dir RUN --sampler dpm-solver++ --num-sampling-steps 25
-torchrun --nproc_per_node=8 eval/sample_fid.py --run-dir RUN --ref VIRTUAL_imagenet256_labeled.npz
+python -m eval.sample_fid --run-dir results/000-DiT-XS-2                  (from the repository root)
+python -m eval.sample_fid --run-dir RUN --sampler dpm-solver++ --num-sampling-steps 25
+torchrun --nproc_per_node=8 -m eval.sample_fid --run-dir RUN --ref VIRTUAL_imagenet256_labeled.npz
 
 Draws --num-samples labels uniformly over the classes (seeded), splits the images across the processes,
 samples them with the post-hoc EMA (--ema-std, default 0.05), CFG 1.5 and 250 DDPM steps, writes
@@ -20,10 +20,11 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __name__ == "__main__" and not __package__:  # `python eval/sample_fid.py`: the package `eval` is not importable
+    print("error: run it from the repository root as a module: python -m eval.sample_fid --run-dir RUN ...",
+          file=sys.stderr)
+    sys.exit(2)
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
 from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, reference_images,
                             reference_statistics)
 from fast_paths import apply_fast_paths
-from runs import RunError, append_jsonl, find_checkpoint, load_run_model, with_vae
+from logs import append_jsonl
+from runs import RunError, find_checkpoint, load_run_model, with_vae
 from cli import Parser
 from sample import (add_sampling_arguments, check_output, check_sample_count, check_sampling_args, generate,
                     load_guide, precision_tag, resolve_run_dir, sampling_tag)
@@ -46,7 +48,7 @@ from training import setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__)
+    p = Parser(prog="python -m eval.sample_fid", description=__doc__)
     p.add_argument("--run-dir", metavar="RUN", default=None,
                    help="run folder written by train.py (may be left out when --ckpt is a file of its checkpoints/)")
     p.add_argument("--result-dir", dest="run_dir", help=argparse.SUPPRESS)  # (the earlier name, still taken)
@@ -98,7 +100,7 @@ def resolve_reference(ref: str, config: dict, results_dir: str, inception_weight
         return ref
     name = config["data"]["name"]
     if name not in BUILTIN_REFERENCES:
-        raise FIDError(f"no automatic reference for dataset {name!r}; compute one with eval/ref_stats.py "
+        raise FIDError(f"no automatic reference for dataset {name!r}; compute one with python -m eval.ref_stats "
                        f"and pass it with {flag}")
     # Statistics from other Inception weights than the bundled ones are cached under another name.
     weights_tag = f"-w{sha1_of_file(inception_weights)[:10]}" if inception_weights and os.path.isfile(inception_weights) else ""

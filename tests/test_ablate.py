@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import ablate
-from runs import read_jsonl
+from logs import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MAPDIT_FID_METHOD": "eigh"}

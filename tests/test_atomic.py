@@ -155,7 +155,7 @@ def test_a_write_that_is_not_durable_is_atomic_and_synced_later_by_sync_files(tm
 
 
 def test_a_checkpoint_first_syncs_the_snapshots_written_since_the_last_one(tmp_path, monkeypatch):
-    from ema import PowerEMA
+    from phema import PowerEMA
     from helpers import tiny_dit
     from runs import Run
     run, ema = Run(str(tmp_path), rank=0), PowerEMA(tiny_dit(), stds=[0.05, 0.1])

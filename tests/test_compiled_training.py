@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-from ema import PowerEMA
+from phema import PowerEMA
 from fast_paths import apply_fast_paths, frozen_weights
 from models import build_model
 from mp_layers import MPConfig

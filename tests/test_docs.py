@@ -86,7 +86,7 @@ def test_every_page_of_docs_is_checked_and_linked_from_the_readme():
 TOOL_PAGES = [("train", "docs/train.md"), ("sample", "docs/sample.md"), ("ema", "docs/ema.md"),
               ("prepare_latents", "docs/prepare_latents.md"), ("ablate", "docs/ablate.md"),
               ("plots", "docs/ablate.md"), ("bench", "docs/bench.md"), ("eval.sample_fid", "docs/evaluate.md"),
-              ("eval.evaluate", "docs/evaluate.md"), ("eval.fid", "docs/evaluate.md"),
+              ("eval.evaluate", "docs/evaluate.md"),
               ("eval.ref_stats", "docs/evaluate.md")]
 
 

@@ -1,5 +1,5 @@
-"""Tests for ema.py: gamma <-> sigma_rel, power-function EMA tracking, snapshots, post-hoc
-reconstruction and the command line.  Tiny and CPU-only (the whole file runs in a few seconds)."""
+"""Tests for phema.py: gamma <-> sigma_rel, power-function EMA tracking, snapshots, post-hoc reconstruction;
+and for ema.py, its command line.  Tiny and CPU-only (the whole file runs in a few seconds)."""
 
 import math
 import os
@@ -13,7 +13,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import ema as E  # noqa: E402
+import ema  # noqa: E402
+import phema as E  # noqa: E402
 
 
 def flat(sd):
@@ -292,7 +293,7 @@ def test_reconstruct_errors(tmp_path, trajectory):
 
 def run_main(argv, capsys):
     try:
-        rc = E.main(argv)
+        rc = ema.main(argv)
     except SystemExit as e:
         rc = e.code
     out, err = capsys.readouterr()

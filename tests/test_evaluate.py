@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import eval.fid as fid_mod
 from eval import evaluate as ev
 from eval.fid import FIDError
 from eval.metrics import inception_score, precision_recall
@@ -269,11 +268,9 @@ def bad_files(tmp):
             "object.npz": "not a plain numeric array", "strings.npz": "must be numbers"}
 
 
-@pytest.mark.parametrize("cli", ["eval/fid.py", "eval/evaluate.py"])
-def test_cli_bad_files_are_one_error_line(cli_inputs, tmp_path, capsys, cli):
-    main = fid_mod.main if cli == "eval/fid.py" else ev.main
+def test_cli_bad_files_are_one_error_line(cli_inputs, tmp_path, capsys):
     for name, words in bad_files(tmp_path).items():
-        assert main([str(tmp_path / name), str(cli_inputs / "ref.npz"), "--inception-weights",
+        assert ev.main([str(tmp_path / name), str(cli_inputs / "ref.npz"), "--inception-weights",
                      str(cli_inputs / "stub.pt"), "--no-progress"]) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (name, err)
@@ -281,11 +278,22 @@ def test_cli_bad_files_are_one_error_line(cli_inputs, tmp_path, capsys, cli):
 
 def test_cli_subprocess_has_no_traceback(tmp_path):
     bad_files(tmp_path)
-    r = subprocess.run([sys.executable, str(REPO / "eval" / "evaluate.py"), str(tmp_path / "truncated.npz"),
-                        str(tmp_path / "ok.npz")], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    r = subprocess.run([sys.executable, "-m", "eval.evaluate", str(tmp_path / "truncated.npz"),
+                        str(tmp_path / "ok.npz")], capture_output=True, text=True, cwd=REPO, timeout=300,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "not a readable .npz" in r.stderr
+
+
+@pytest.mark.parametrize("script, says", [("eval/evaluate.py", "python -m eval.evaluate SAMPLES REF"),
+                                          ("eval/sample_fid.py", "python -m eval.sample_fid --run-dir RUN"),
+                                          ("eval/ref_stats.py", "python -m eval.ref_stats --data-path DATA"),
+                                          ("eval/fid.py", "is a library; the FID command line is")])
+def test_an_eval_tool_run_as_a_script_names_the_module_command_in_one_line(tmp_path, script, says):
+    r = subprocess.run([sys.executable, str(REPO / script), "a.npz", "b.npz"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
 
 
 def test_reference_statistics_of_another_network_are_refused():

@@ -1,5 +1,7 @@
-"""FID pipeline: Fréchet distance, TF-style resize, image/statistics I/O, the real FID Inception-v3, and the CLI."""
+"""FID pipeline: Fréchet distance, TF-style resize, image/statistics I/O, the real FID Inception-v3, and the FID
+from the command line (python -m eval.evaluate A B --metrics fid)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +22,9 @@ from eval.fid import (
     load_images,
     load_source,
     load_statistics,
-    main,
     statistics_from_features,
 )
+from eval.evaluate import main
 from eval.inception import (
     WEIGHTS_SHA1,
     InceptionWeightsError,
@@ -34,7 +36,6 @@ from eval.inception import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-FID_SCRIPT = REPO / "eval" / "fid.py"
 
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance
@@ -362,57 +363,60 @@ def cli_files(tmp_path_factory):
     return d
 
 
-def _run_cli(*args, cwd):
+def _run_cli(*args):
+    """`python -m eval.evaluate ARGS --metrics fid` from the repository root, as the docs say."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, str(FID_SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "eval.evaluate", *map(str, args), "--metrics", "fid"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
-def _fid_line(stdout):
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("FID: "), stdout
-    return float(last.split()[1])
-
-
-def test_cli_fid_save_stats_roundtrip(cli_files, tmp_path, capsys):
+def test_cli_fid_alone_ends_with_its_line_and_equals_the_library(cli_files, tmp_path):
     d = cli_files
-    stats = tmp_path / "a_stats.npz"
-    # run from another directory: the script must find the `eval` package itself
-    r1 = _run_cli(d / "a.npz", d / "b.npz", "--inception-weights", d / "stub.pt", "--device", "cpu",
-                  "--batch-size", 16, "--save-stats", stats, cwd=tmp_path)
-    assert r1.returncode == 0, r1.stderr
-    lines = r1.stdout.strip().splitlines()
-    assert lines[0].startswith("A: ") and "40 images 8x8" in lines[0] and "24 features" in lines[0]
-    assert any(line.startswith("B: ") for line in lines)
-    v1 = _fid_line(r1.stdout)
-    assert v1 > 0.1
-
-    # the same value computed in-process through the library
+    r = _run_cli(d / "a.npz", d / "b.npz", "--inception-weights", d / "stub.pt", "--device", "cpu",
+                 "--batch-size", 16, "--json", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "40 images 8x8" in lines[0] and lines[-1].startswith("FID: ")
+    assert not any(line.startswith(("sFID", "Precision", "Recall", "Inception Score")) for line in lines)
     ex = load_inception(d / "stub.pt", device="cpu")
     want = fid_from_images(load_images(d / "a.npz"), load_images(d / "b.npz"), extractor=ex, progress=False)
-    assert v1 == pytest.approx(want, abs=2e-6)
+    assert json.loads((tmp_path / "m.json").read_text())["fid"] == pytest.approx(want, abs=2e-6)
+
+
+def test_cli_saved_sample_statistics_are_those_of_the_library_and_serve_as_a_reference(cli_files, tmp_path):
+    d = cli_files
+    stats = tmp_path / "a_stats.npz"
+    args = ("--inception-weights", d / "stub.pt", "--device", "cpu", "--no-progress")
+    assert main([str(d / "a.npz"), str(d / "b.npz"), *map(str, args), "--metrics", "fid",
+                 "--save-samples", str(stats), "--json", str(tmp_path / "ab.json")]) == 0
+    ex = load_inception(d / "stub.pt", device="cpu")
     mu, sigma = load_statistics(stats)
     mu_ref, sigma_ref = compute_statistics(d / "a.npz", extractor=ex, progress=False)
     assert mu.shape == (24,) and sigma.shape == (24, 24)
     np.testing.assert_allclose(mu, mu_ref, rtol=1e-6)
     np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-5, atol=1e-8)
 
-    # A's saved statistics as B (FID is symmetric)
-    r2 = _run_cli(d / "b.npz", stats, "--inception-weights", d / "stub.pt", "--device", "cpu", cwd=REPO)
-    assert r2.returncode == 0, r2.stderr
-    assert "B: " in r2.stdout and "precomputed statistics" in r2.stdout
-    assert _fid_line(r2.stdout) == pytest.approx(v1, abs=2e-6)
+    # A's saved statistics as the reference of B: the same FID (it is symmetric)
+    r = _run_cli(d / "b.npz", stats, *args, "--json", tmp_path / "ba.json")
+    assert r.returncode == 0, r.stderr
+    assert "precomputed statistics" in r.stdout or "cached features" in r.stdout
+    v_ab = json.loads((tmp_path / "ab.json").read_text())["fid"]
+    assert json.loads((tmp_path / "ba.json").read_text())["fid"] == pytest.approx(v_ab, abs=2e-6)
 
-    # --method eigh gives the same value (in-process main: same code path as the script)
-    assert main([str(stats), str(d / "b.npz"), "--inception-weights", str(d / "stub.pt"), "--device", "cpu",
-                 "--method", "eigh", "--no-progress"]) == 0
-    assert _fid_line(capsys.readouterr().out) == pytest.approx(v1, rel=1e-5)
+
+def test_cli_fid_of_two_statistics_files_needs_no_inception(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(50, 6))
+    np.savez(tmp_path / "a.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    np.savez(tmp_path / "b.npz", mu=f.mean(0) + 1.0, sigma=np.cov(f, rowvar=False))
+    assert main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--metrics", "fid",
+                 "--inception-weights", str(tmp_path / "missing.pt")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "FID: 6"  # |mu_a - mu_b|^2, equal covariances
 
 
 def test_cli_errors_exit_2_with_one_line(cli_files, tmp_path):
     d = cli_files
-    r = _run_cli(d / "a.npz", d / "big.npz", "--inception-weights", d / "stub.pt", cwd=REPO)
+    r = _run_cli(d / "a.npz", d / "big.npz", "--inception-weights", d / "stub.pt")
     assert r.returncode == 2
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr

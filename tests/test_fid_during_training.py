@@ -20,7 +20,8 @@ import torch
 
 import eval.sample_fid as sample_fid
 import train
-from runs import append_jsonl, list_checkpoints, read_checkpoint, read_jsonl
+from logs import append_jsonl, read_jsonl
+from runs import list_checkpoints, read_checkpoint
 from helpers import only_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

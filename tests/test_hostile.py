@@ -152,6 +152,8 @@ def bad_npz(tmp, name):
         np.savez(path, mu=np.zeros(3), sigma=np.eye(3))
     elif name == "dim64.npz":
         np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
+    elif name == "16x16.npz":
+        np.savez(path, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
     return path
 
 
@@ -388,7 +390,7 @@ PLOTS = {
                          "a file stands where a folder should be"),
 }
 
-FID = {
+EVALUATE = {
     "a missing": (lambda r, t: [os.path.join(t, "a.npz"), os.path.join(t, "b.npz")],
                   ("no such file or folder: ", "a.npz")),
     "only one path": (lambda r, t: [os.path.join(t, "a.npz")], "required"),
@@ -402,18 +404,16 @@ FID = {
                      "not a readable .npz"),
     "device bogus": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--device", "bogus"],
                      "--device bogus: "),
-}
-
-EVALUATE = {
-    **{name: case for name, case in FID.items() if name not in ("method unknown", "batch-size 0")},
-    "samples are statistics": (lambda r, t: [bad_npz(t, "stats.npz"), bad_npz(t, "ok.npz")], "must be images"),
+    "images of two sizes": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "16x16.npz")], "image sizes differ"),
+    "samples' statistics of 3 features": (lambda r, t: [bad_npz(t, "stats.npz"), bad_npz(t, "ok.npz")],
+                                          "have 3 features but this Inception network gives 2048"),
+    "metric unknown": (lambda r, t: [t, t, "--metrics", "kid"], "invalid choice"),
     "classifier garbage": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--inception-classifier",
                                          write(os.path.join(t, "c.pth"), "x")], "not usable as the Inception"),
     "classifier missing": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "ok.npz"), "--inception-classifier",
                                          os.path.join(t, "none.pth")], "classifier weights not found"),
     "statistics of 64 features": (lambda r, t: [bad_npz(t, "ok.npz"), bad_npz(t, "dim64.npz")],
                                   "have 64 features but this Inception network gives 2048"),
-    "batch-size 0": (lambda r, t: [t, t, "--batch-size", "0"], "--batch-size"),
 }
 
 SAMPLE_FID = {
@@ -477,8 +477,8 @@ BENCH = {
     "precision unknown": (lambda r, t: ["--precisions", "fp8"], "invalid choice"),
 }
 
-COMMANDS = {"train": TRAIN, "sample": SAMPLE, "ema": EMA, "plots": PLOTS, "eval.fid": FID,
-            "eval.evaluate": EVALUATE, "eval.sample_fid": SAMPLE_FID, "eval.ref_stats": REF_STATS, "prepare_latents": PREPARE,
+COMMANDS = {"train": TRAIN, "sample": SAMPLE, "ema": EMA, "plots": PLOTS, "eval.evaluate": EVALUATE,
+            "eval.sample_fid": SAMPLE_FID, "eval.ref_stats": REF_STATS, "prepare_latents": PREPARE,
             "ablate": ABLATE, "bench": BENCH}
 CASES = [(module, name) for module, cases in COMMANDS.items() for name in cases]
 

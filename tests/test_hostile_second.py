@@ -485,12 +485,10 @@ LYING_FILES = {
 }
 
 SIZES = {
-    "fid: an .npz whose header claims 786 GB": (
-        "eval.fid", lambda r, t: [lying_npz(t), npz_images(t)], "claims an array of shape (1000000, 512, 512, 3)"),
     "evaluate: an .npz whose header claims 786 GB": (
-        "eval.evaluate", lambda r, t: [lying_npz(t), npz_images(t)], "claims an array of shape"),
-    "fid: statistics whose header claims 10**12 features": (
-        "eval.fid", lambda r, t: [npz_images(t), lying_npz(t, "mu", (10 ** 12,), "<f8")], "claims an array"),
+        "eval.evaluate", lambda r, t: [lying_npz(t), npz_images(t)], "claims an array of shape (1000000, 512, 512, 3)"),
+    "evaluate: statistics whose header claims 10**12 features": (
+        "eval.evaluate", lambda r, t: [npz_images(t), lying_npz(t, "mu", (10 ** 12,), "<f8")], "claims an array"),
     "sample --num-samples 10**12": (
         "sample", lambda r, t: ["--result-dir", r, "--num-samples", str(10 ** 12)], "--num-samples"),
     "sample --num-samples 10**10 of one class": (
@@ -537,11 +535,11 @@ OUTPUTS = {
     "evaluate --json under a file": (
         "eval.evaluate", lambda r, t: [npz_images(t), npz_images(t), "--json",
                                        os.path.join(write(os.path.join(t, "f"), "x"), "m.json")], "--json"),
-    "fid --save-stats naming a folder": (
-        "eval.fid", lambda r, t: [npz_images(t), npz_images(t), "--save-stats", t], "--save-stats"),
-    "fid --save-stats under a file": (
-        "eval.fid", lambda r, t: [npz_images(t), npz_images(t), "--save-stats",
-                                  os.path.join(write(os.path.join(t, "f"), "x"), "s.npz")], "--save-stats"),
+    "evaluate --save-samples naming a folder": (
+        "eval.evaluate", lambda r, t: [npz_images(t), npz_images(t), "--save-samples", t], "--save-samples"),
+    "evaluate --save-samples under a file": (
+        "eval.evaluate", lambda r, t: [npz_images(t), npz_images(t), "--save-samples",
+                                       os.path.join(write(os.path.join(t, "f"), "x"), "s.npz")], "--save-samples"),
     "ema --export naming a folder": (
         "ema", lambda r, t: ["--result-dir", r, "--ema-std", "0.05", "--export", mkdir(t, "w.pt")], "is a folder"),
     "ema --export under a file": (
@@ -649,11 +647,11 @@ def test_a_signal_while_sample_fid_samples(run, tmp_path, capsys, monkeypatch, s
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_fid_py_computes_statistics(tmp_path, capsys, monkeypatch, signum):
-    import eval.fid as fid
-    signal_during(monkeypatch, fid, "_stats_of", signum)
+def test_a_signal_while_evaluate_py_computes_features_writes_no_statistics(tmp_path, capsys, monkeypatch, signum):
+    import eval.evaluate as evaluate
+    signal_during(monkeypatch, evaluate, "featurize", signum)
     a, stats = npz_images(str(tmp_path)), os.path.join(tmp_path, "a-stats.npz")
-    code, out, err = run_main("eval.fid", [a, a, "--save-stats", stats], capsys)
+    code, out, err = run_main("eval.evaluate", [a, a, "--save-samples", stats], capsys)
     assert_interrupted(code, out, err, signum)
     assert os.listdir(tmp_path) == ["ok.npz"]
 
@@ -730,13 +728,14 @@ def test_ctrl_c_in_a_real_sample_py_process_is_one_line_and_exit_130(run, tmp_pa
 
 
 def test_a_tool_never_follows_a_link_where_it_writes_a_file(tmp_path):
+    import logs
     import runs
     target = outside(str(tmp_path))
     before = open(target).read()
     os.symlink(target, tmp_path / "metrics.jsonl")
     os.symlink(target, tmp_path / ".lock")
     os.symlink(target, tmp_path / "log.txt")
-    for write in (lambda: runs.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1}),
+    for write in (lambda: logs.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1}),
                   lambda: runs.RunLock(str(tmp_path)), lambda: runs.setup_logging(str(tmp_path), 0)):
         with pytest.raises(OSError) as refused:
             write()

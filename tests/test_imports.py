@@ -10,7 +10,6 @@ import ast
 import os
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = {"tests", ".venv", ".git", "__pycache__"}
@@ -105,7 +104,6 @@ def test_the_cycle_finder_resolves_relative_imports_and_submodules_of_a_package(
     assert cycles(import_graph(str(tmp_path))) == [["pkg", "pkg.x", "pkg.y"]]
 
 
-@pytest.mark.xfail(strict=True, reason="runs <-> ema/plots remain (issue 23): remove this mark when they go")
 def test_the_repository_has_no_import_cycle():
     graph = import_graph()
     assert "train" in graph and "eval.fid" in graph  # (the walk found the repository's modules)

@@ -16,7 +16,7 @@ import pytest
 
 import logs
 import train
-from runs import read_jsonl
+from logs import read_jsonl
 from helpers import only_run
 
 FAST = ["--model", "DiT-XS/8", "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3", "--mp-lr", "1e-2",

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import runs
+import logs
 import training
 from fast_paths import apply_fast_paths
 from helpers import interaction_configs, one_thread, tiny_dit
@@ -238,7 +238,7 @@ def test_a_modulation_run_trains_at_the_mp_rate_resumes_and_samples(tmp_path):
     assert config["mp"]["modulation"] == "scale+rotation+gate" and config["mp"]["use_mp_fourier"]
     assert (config["args"]["lr"], config["args"]["mp_lr"]) == (1e-4, 1e-2)
     assert train.main(["--resume", str(run), "--num-steps", "3"]) == 0
-    assert [m["mp_lr"] for m in runs.read_jsonl(str(run / "metrics.jsonl"))][-1] == pytest.approx(1e-2)
+    assert [m["mp_lr"] for m in logs.read_jsonl(str(run / "metrics.jsonl"))][-1] == pytest.approx(1e-2)
     assert sample.main(["--result-dir", str(run), "--class-label", "1", "--num-samples", "2",
                         "--num-sampling-steps", "2", "--sampler", "ddim"]) == 0
 

@@ -25,8 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ema  # noqa: E402
-import eval.fid as fid_mod  # noqa: E402
+import eval.evaluate as evaluate_mod  # noqa: E402
 import eval.sample_fid as sample_fid  # noqa: E402
+import phema  # noqa: E402
 import runs  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -61,7 +62,7 @@ def run_dir(tmp_path_factory):
     (name,) = os.listdir(results)
     run = os.path.join(results, name)
     assert [s for s, _ in runs.list_checkpoints(run)] == [CKPT_EVERY, NUM_STEPS]
-    assert len(ema.list_snapshots(os.path.join(run, "ema"))) == 2 * NUM_STEPS // SNAP_EVERY
+    assert len(phema.list_snapshots(os.path.join(run, "ema"))) == 2 * NUM_STEPS // SNAP_EVERY
     return run
 
 
@@ -77,7 +78,8 @@ def tracked_emas(run, step):
 @pytest.mark.parametrize("step", [NUM_STEPS, CKPT_EVERY])
 def test_posthoc_reproduces_tracked_ema(run_dir, step):
     """The post-hoc EMA for a tracked σ_rel at a snapshot step is that EMA, up to the snapshots' fp16 rounding."""
-    state, info = ema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.05, step=None if step == NUM_STEPS else step)
+    state, info = phema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.05,
+                                        step=None if step == NUM_STEPS else step)
     assert info["step"] == step
     assert {s[2] for s in info["sources"]} == set(range(SNAP_EVERY, step + 1, SNAP_EVERY))
     ref = tracked_emas(run_dir, step)[0][0.05]
@@ -99,10 +101,10 @@ def test_posthoc_from_other_profile_moves_towards_target(run_dir, tmp_path):
     """σ_rel 0.05 rebuilt from the 0.10 snapshots alone is closer to the tracked 0.05 EMA than the 0.10 EMA is."""
     only10 = tmp_path / "only10"
     only10.mkdir()
-    for path, std, _ in ema.list_snapshots(os.path.join(run_dir, "ema")):
+    for path, std, _ in phema.list_snapshots(os.path.join(run_dir, "ema")):
         if math.isclose(std, 0.10):
             os.symlink(path, only10 / os.path.basename(path))
-    state, info = ema.reconstruct_ema(only10, 0.05)
+    state, info = phema.reconstruct_ema(only10, 0.05)
     assert len(info["sources"]) == NUM_STEPS // SNAP_EVERY
     tracked = tracked_emas(run_dir, NUM_STEPS)[0]
 
@@ -120,7 +122,7 @@ def test_ema_cli_writes_posthoc_files(run_dir, tmp_path):
     assert sorted(os.listdir(out)) == [f"posthoc-0.050-{NUM_STEPS:07d}.pt", f"posthoc-0.080-{NUM_STEPS:07d}.pt"]
     saved = torch.load(out / f"posthoc-0.080-{NUM_STEPS:07d}.pt", weights_only=True)
     assert saved["std"] == pytest.approx(0.08) and saved["step"] == NUM_STEPS
-    want, _ = ema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.08)
+    want, _ = phema.reconstruct_ema(os.path.join(run_dir, "ema"), 0.08)
     for k, v in want.items():
         assert torch.equal(saved["state"][k], v), k
     assert f"wrote {out / f'posthoc-0.080-{NUM_STEPS:07d}.pt'} (sigma_rel 0.080, " in r.stdout
@@ -409,10 +411,10 @@ def test_fid_size_mismatch_is_reported_before_inception(tmp_path, monkeypatch, c
     def no_inception(*a, **k):
         raise AssertionError("Inception must not be loaded before the inputs are checked")
 
-    monkeypatch.setattr(fid_mod, "load_inception", no_inception)
+    monkeypatch.setattr(evaluate_mod, "load_inception", no_inception)
     # A missing weights file must not matter either: the size check comes first.
-    rc = fid_mod.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights",
-                       str(tmp_path / "missing.pt"), "--no-progress"])
+    rc = evaluate_mod.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights",
+                            str(tmp_path / "missing.pt"), "--no-progress"])
     assert rc == 2
     captured = capsys.readouterr()
     line = one_error_line(captured.err)

@@ -23,6 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import logs  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from helpers import only_run  # noqa: E402
@@ -704,9 +705,9 @@ def test_the_config_round_trips_through_its_dict():
 def test_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
     path = tmp_path / "fid.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, "fi')
-    runs.append_jsonl(str(path), {"step": 3})
-    assert runs.read_jsonl(str(path)) == [{"step": 1}, {"step": 3}]
-    runs.append_jsonl(str(tmp_path / "new.jsonl"), {"step": 1})
+    logs.append_jsonl(str(path), {"step": 3})
+    assert logs.read_jsonl(str(path)) == [{"step": 1}, {"step": 3}]
+    logs.append_jsonl(str(tmp_path / "new.jsonl"), {"step": 1})
     assert (tmp_path / "new.jsonl").read_text() == '{"step": 1}\n'
 
 

@@ -23,14 +23,13 @@ TOOLS = {  # module -> the files whose messages it prints
     "prepare_latents": ["prepare_latents.py"],
     "ablate": ["ablate.py"],
     "bench": ["bench.py"],
-    "eval.fid": ["eval/fid.py"],
     "eval.evaluate": ["eval/evaluate.py"],
     "eval.sample_fid": ["eval/sample_fid.py"],
     "eval.ref_stats": ["eval/ref_stats.py"],
 }
 SCRIPTS = {os.path.basename(files[0]): module for module, files in TOOLS.items()}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
-SCRIPT = re.compile(r"\b(\w+\.py)\b|\b(pip|torchrun|tensorboard)\b|([(),;])")
+SCRIPT = re.compile(r"\b(\w+\.py)\b|\b(pip|torchrun|tensorboard)\b|([(),;])|-m ([\w.]+)")
 
 
 class _Captured(BaseException):
@@ -68,8 +67,9 @@ def messages(path: str) -> list[str]:
 
 
 def named_flags(text: str, own: str) -> list[tuple[str, str]]:
-    """(tool, flag) for every --flag in `text`: the tool is the script named before it on its line (up to a
-    bracket, comma or semicolon), else `own`; None where that is another program (pip, torchrun)."""
+    """(tool, flag) for every --flag in `text`: the tool is the script (x.py) or module (-m eval.x) named
+    before it on its line (up to a bracket, comma or semicolon), else `own`; None where that is another
+    program (pip, torchrun)."""
     found = []
     for line in text.splitlines():
         tool = own
@@ -77,7 +77,8 @@ def named_flags(text: str, own: str) -> list[tuple[str, str]]:
                         [(m.start(), "flag", m) for m in FLAG.finditer(line)], key=lambda e: e[0])
         for _, kind, m in events:
             if kind == "script":
-                tool = own if m.group(3) else SCRIPTS.get(m.group(1)) if m.group(1) else None
+                tool = (own if m.group(3) else SCRIPTS.get(m.group(1)) if m.group(1)
+                        else m.group(4) if m.group(4) in TOOLS else None)
             elif tool is not None:
                 found.append((tool, m.group(0)))
     return found
@@ -123,7 +124,7 @@ def test_the_run_folder_the_results_parent_and_progress_have_one_name_in_every_t
     for tool in ("sample", "ema", "eval.sample_fid"):
         assert "--run-dir" in parsers[tool].options()
     assert "--results-dir" in parsers["train"].options()
-    for tool in ("sample", "eval.sample_fid", "eval.evaluate", "eval.fid", "eval.ref_stats"):
+    for tool in ("sample", "eval.sample_fid", "eval.evaluate", "eval.ref_stats"):
         assert "--no-progress" in parsers[tool].options(), tool
 
 
@@ -158,3 +159,8 @@ def test_sample_takes_the_run_from_a_checkpoint_file(tmp_path):
     assert sample.resolve_run_dir(args) == str(run)
     with pytest.raises(sample.RunError, match="--run-dir RUN is required"):
         sample.resolve_run_dir(argparse.Namespace(run_dir=None, ckpt="10"))
+
+
+def test_a_flag_after_a_module_command_belongs_to_that_module():
+    line = "compute one with python -m eval.ref_stats --data-path D, then pass --eval-ref; python -m pytest -x"
+    assert named_flags(line, "train") == [("eval.ref_stats", "--data-path"), ("train", "--eval-ref")]
