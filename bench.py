@@ -42,7 +42,7 @@ import torch._dynamo
 from benchmarks import reference, report, suites
 from benchmarks.core import device_name
 from cli import Parser
-from training import COMPILE_MODES
+from config import COMPILE_MODES
 
 # ----------------------------------------------------------------------------------------------------
 # Command line.

@@ -17,6 +17,19 @@ OTHER_SPELLINGS = {"--results-dir": "--run-dir", "--result-dir": "--run-dir",
 NO_HELP = "\u200b"  # the help of an option given none: argparse formats only a non-blank help
 
 
+def ref_images_argument(text: str) -> int | str:
+    """--ref-images / --eval-ref-images: a positive count, or "all"."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or all, got {text!r}")
+    return value
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description and epilog as written; every option's help ends with its default, unless the help
     already says it or there is none to say (a flag, or a default the help explains)."""

@@ -16,14 +16,14 @@ import json
 import math
 
 import data.hf
+from cli import ref_images_argument
 from diffusion.sampling import SAMPLERS
-from eval.ref_stats import ref_images_argument
 from models import MODEL_NAMES
 from mp_layers import MPConfig, parse_modulation
-from training import COMPILE_MODES
 
 DEFAULT_LR, DEFAULT_MP_LR = 1e-4, 1e-2
 PRECISIONS = ["fp32", "tf32", "bf16"]
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 FID = "FID during training (off unless --eval-every is given)"
 TRACKERS = "experiment trackers (the jsonl logs are written either way)"
 MP_KEYS = [*MPConfig.option_names(), "use_all_mp"]  # the "args" keys of the MP switches

@@ -21,14 +21,12 @@ import json
 import math
 import os
 import uuid
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from atomic import atomic_write_text, nofollow_opener
+from config import TrainConfig
 
-if TYPE_CHECKING:  # (config.py imports training.py, which imports runs.py, which imports this module)
-    from config import TrainConfig
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"

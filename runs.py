@@ -19,20 +19,18 @@ import shutil
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from atomic import (TEMP_RE, DamagedFileError, LinkError, atomic_torch_save, atomic_write_text, load_torch_file,
                     non_finite_entry, nofollow_opener, refuse_links, sync_files, temp_prefix)
+from config import TrainConfig
 from logs import RateWindow, Trackers, append_jsonl, format_rates, truncate_jsonl
 from models import DiT, build_model
 from mp_layers import MPConfig
 from phema import reconstruct_ema
 
-if TYPE_CHECKING:  # (config.py imports training.py, which imports this module)
-    from config import TrainConfig
 
 CHECKPOINT_RE = re.compile(r"^(\d{7})\.pt$")
 

@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,15 +18,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
 import runs
+from config import TrainConfig
 from phema import PowerEMA
 from fast_paths import apply_fast_paths
 from models import DiT, build_model
 from mp_layers import MPEmbedding, MPLinear
 
-if TYPE_CHECKING:  # (config.py imports this module)
-    from config import TrainConfig
 
-COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class TrainingError(Exception):

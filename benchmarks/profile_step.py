@@ -27,7 +27,7 @@ if __name__ == "__main__" and not __package__:  # (run as a file, the repository
     sys.exit(2)
 
 from benchmarks import core  # noqa: E402
-from training import COMPILE_MODES  # noqa: E402
+from config import COMPILE_MODES  # noqa: E402
 
 
 def profile_switch_set(spec: core.Spec, args, device: torch.device) -> dict:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import TrainConfig
 from eval.fid import compute_statistics, fid_from_images
 from eval.inception import load_inception, resolve_device
 
@@ -35,8 +35,6 @@ from fast_paths import apply_fast_paths
 from runs import load_weights, model_from_config
 from sample import generate
 
-if TYPE_CHECKING:  # (config.py imports this package's modules)
-    from config import TrainConfig
 
 LOG_NAME = "fid_during_training.jsonl"
 

@@ -10,7 +10,6 @@ mu/sigma (FID), mu_s/sigma_s (sFID) and the pool3 features (precision/recall), a
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from tqdm import tqdm
 import data
 import data.hf
 from atomic import interruptible
-from cli import Parser
+from cli import Parser, ref_images_argument
 from eval.evaluate import featurize, images_set, save_reference
 from eval.fid import FIDError, _open_npz
 from eval.inception import InceptionWeightsError, load_inception, resolve_device
@@ -39,19 +38,6 @@ BUILTIN_REFERENCES = {"digits": "digits", "mnist": "mnist-test", "mnist-test": "
 # (a few minutes; the FID against them is a noisier, biased estimate, fine for comparing runs and steps).
 CPU_REFERENCE_IMAGES = 300
 PROBE_IMAGES = 16  # images timed for the announced estimate
-
-
-def ref_images_argument(text: str) -> int | str:
-    """--ref-images / --eval-ref-images: a positive count, or "all"."""
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images or all, got {text!r}")
-    return value
 
 
 def reference_images(given: int | str | None, device="auto") -> int | None:

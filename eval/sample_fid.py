@@ -36,12 +36,12 @@ from eval.evaluate import (METRICS, check_set, evaluate, feature_dims, featurize
                            read_set, small_sample_warning)
 from eval.fid import FIDError
 from eval.inception import InceptionWeightsError, load_inception, sha1_of_file
-from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, ref_images_argument, reference_images,
+from eval.ref_stats import (BUILTIN_REFERENCES, cache_tag, reference_images,
                             reference_statistics)
 from fast_paths import apply_fast_paths
 from logs import append_jsonl
 from runs import RunError, find_checkpoint, load_run_model, with_vae
-from cli import Parser
+from cli import Parser, ref_images_argument
 from sample import (add_sampling_arguments, check_output, check_sample_count, check_sampling_args, generate,
                     load_guide, precision_tag, resolve_run_dir, sampling_tag)
 from training import setup_distributed
