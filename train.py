@@ -312,7 +312,12 @@ def train(argv=None) -> str:
             run.log(f"interrupted by {name} at step {state.step}; the checkpoint is saved: continue with "
                     f"--resume {run.path}")
             raise Interrupted(128 + (stop.signal if isinstance(stop.signal, int) else signal.SIGTERM))
-        run.plot("magnitudes")
+        try:  # the run is complete: a signal now only cuts the last plot short
+            run.plot("magnitudes")
+        except StartupInterrupted as e:
+            run.log(f"interrupted ({e.name}) while drawing magnitudes.png: the run is complete at step {state.step} "
+                    f"and its checkpoint is saved; python plots.py {run.path} draws it")
+            raise Interrupted(e.code) from None
         run.log(f"done: {run.path}")
     if world_size > 1:
         dist.barrier()

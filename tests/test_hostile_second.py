@@ -708,6 +708,18 @@ def test_sigterm_during_train_start_up_is_one_line_and_exit_143(tmp_path, capsys
     assert not results.exists()
 
 
+def test_a_signal_while_train_draws_its_last_plot_says_the_run_is_complete(tmp_path, capsys, monkeypatch):
+    import plots
+    signal_during(monkeypatch, plots, "plot_magnitudes", signal.SIGTERM)
+    results = tmp_path / "results"
+    code, out, err = run_main("train", [*FAST, "--num-steps", "2", "--results-dir", str(results)], capsys)
+    assert code == 143 and "Traceback" not in err and "start-up" not in out + err, out + err
+    (run_dir,) = results.iterdir()
+    assert (f"interrupted (SIGTERM) while drawing magnitudes.png: the run is complete at step 2 and its checkpoint "
+            f"is saved; python plots.py {run_dir} draws it") in out
+    assert os.listdir(run_dir / "checkpoints") == ["0000002.pt"] and not (run_dir / "magnitudes.png").exists()
+
+
 def test_ctrl_c_in_a_real_sample_py_process_is_one_line_and_exit_130(run, tmp_path):
     out_path = os.path.join(tmp_path, "s.png")
     proc = subprocess.Popen([sys.executable, "sample.py", "--result-dir", run, "--num-sampling-steps", "1000",
