@@ -51,6 +51,7 @@ from eval.fid import (  # noqa: E402
     fid_method,
     frechet_distance,
     load_images,
+    npz_name,
     read_array,
     statistics_from_features,
 )
@@ -249,8 +250,7 @@ def save_reference(s: EvalSet, path) -> None:
         out["mu_s"], out["sigma_s"] = statistics_from_features(s.features["spatial"])
     elif s.spatial_stats is not None:
         out["mu_s"], out["sigma_s"] = s.spatial_stats
-    final = str(path) if str(path).endswith(".npz") else f"{path}.npz"
-    with atomic_path(final, suffix=".npz") as tmp:
+    with atomic_path(npz_name(path), suffix=".npz") as tmp:
         np.savez(tmp, **out)
 
 
@@ -308,9 +308,14 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
-        outputs = (("--json", args.json), ("--save-ref", args.save_ref), ("--save-samples", args.save_samples))
+        # The caches go where np.savez puts them (".npz" added); the names given and those are checked now,
+        # not after both Inception passes.
+        save_ref = npz_name(args.save_ref) if args.save_ref else None
+        save_samples = npz_name(args.save_samples) if args.save_samples else None
+        outputs = (("--json", args.json), ("--save-ref", args.save_ref), ("--save-ref", save_ref),
+                   ("--save-samples", args.save_samples), ("--save-samples", save_samples))
         for option, path in outputs:
-            if path:  # found now, not after both Inception passes
+            if path:
                 check_output_file(path, option)
         device = check_device(args.device)
         samples, reference = read_set(args.samples), read_set(args.reference)
@@ -333,7 +338,7 @@ def main(argv=None) -> int:
         progress = not args.no_progress
         for s in (samples, reference):
             featurize(s, extractor, args.batch_size, device, progress)
-        for s, path, whose in ((samples, args.save_samples, "samples'"), (reference, args.save_ref, "reference's")):
+        for s, path, whose in ((samples, save_samples, "samples'"), (reference, save_ref, "reference's")):
             if path:
                 save_reference(s, path)
                 print(f"saved the {whose} statistics and features to {path}")

@@ -57,6 +57,7 @@ __all__ = [
     "statistics_from_features",
     "load_images",
     "load_statistics",
+    "npz_name",
     "save_statistics",
     "load_source",
     "compute_statistics",
@@ -291,11 +292,15 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
         return _check_statistics(read_array(z, "mu", p), read_array(z, "sigma", p), str(p))
 
 
+def npz_name(path) -> str:
+    """The file np.savez writes for `path`: `.npz` appended where it is missing (check and name this one)."""
+    return str(path) if str(path).endswith(".npz") else f"{path}.npz"
+
+
 def save_statistics(path, mu, sigma, **extra) -> None:
     """Save ``mu``/``sigma`` (float64) to an ``.npz`` readable by :func:`load_statistics` and the ADM evaluator."""
     mu, sigma = _check_statistics(mu, sigma, str(path))
-    final = str(path) if str(path).endswith(".npz") else f"{path}.npz"  # np.savez's own naming
-    with atomic_path(final, suffix=".npz") as tmp:  # a cached reference is never half written
+    with atomic_path(npz_name(path), suffix=".npz") as tmp:  # a cached reference is never half written
         np.savez(tmp, mu=mu, sigma=sigma, **extra)
 
 

@@ -404,6 +404,14 @@ def test_cli_saved_sample_statistics_are_those_of_the_library_and_serve_as_a_ref
     assert json.loads((tmp_path / "ba.json").read_text())["fid"] == pytest.approx(v_ab, abs=2e-6)
 
 
+def test_cli_saves_statistics_named_without_npz_where_numpy_puts_them_and_says_so(cli_files, tmp_path, capsys):
+    d = cli_files
+    assert main([str(d / "a.npz"), str(d / "b.npz"), "--inception-weights", str(d / "stub.pt"), "--device", "cpu",
+                 "--no-progress", "--metrics", "fid", "--save-samples", str(tmp_path / "a_stats")]) == 0
+    assert os.listdir(tmp_path) == ["a_stats.npz"]
+    assert f"saved the samples' statistics and features to {tmp_path / 'a_stats.npz'}" in capsys.readouterr().out
+
+
 def test_cli_fid_of_two_statistics_files_needs_no_inception(tmp_path, capsys):
     rng = np.random.default_rng(0)
     f = rng.normal(size=(50, 6))

@@ -540,6 +540,9 @@ OUTPUTS = {
     "evaluate --save-samples under a file": (
         "eval.evaluate", lambda r, t: [npz_images(t), npz_images(t), "--save-samples",
                                        os.path.join(write(os.path.join(t, "f"), "x"), "s.npz")], "--save-samples"),
+    "evaluate --save-samples S where S.npz, the file it would write, is a folder": (
+        "eval.evaluate", lambda r, t: [npz_images(t), npz_images(t), "--save-samples",
+                                       mkdir(t, "s.npz").removesuffix(".npz")], "s.npz is a folder"),
     "ema --export naming a folder": (
         "ema", lambda r, t: ["--result-dir", r, "--ema-std", "0.05", "--export", mkdir(t, "w.pt")], "is a folder"),
     "ema --export under a file": (
