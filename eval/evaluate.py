@@ -43,11 +43,11 @@ from cli import Parser  # noqa: E402
 from eval.dinov2 import dinov2_features, fd_dinov2, load_dinov2  # noqa: E402
 from eval.fid import (  # noqa: E402
     FIDError,
-    _check_exists,
-    _check_same_size,
-    _check_statistics,
-    _normalise_images,
-    _open_npz,
+    check_exists,
+    check_same_size,
+    check_statistics,
+    normalise_images,
+    open_npz,
     fid_method,
     frechet_distance,
     load_images,
@@ -102,18 +102,18 @@ class EvalSet:
 
 def read_set(path) -> EvalSet:
     """Reads and validates an evaluation input (see the module docstring); no Inception work."""
-    p = _check_exists(path)
+    p = check_exists(path)
     if p.is_dir():
         return EvalSet(str(p), images=load_images(p))
     s = EvalSet(str(p))
-    with _open_npz(p) as z:
+    with open_npz(p) as z:
         keys = set(z.files)
         if "arr_0" in keys:
-            s.images = _normalise_images(read_array(z, "arr_0", p), str(p))
+            s.images = normalise_images(read_array(z, "arr_0", p), str(p))
         if {"mu", "sigma"} <= keys:
-            s.stats = _check_statistics(read_array(z, "mu", p), read_array(z, "sigma", p), str(p))
+            s.stats = check_statistics(read_array(z, "mu", p), read_array(z, "sigma", p), str(p))
         if {"mu_s", "sigma_s"} <= keys:
-            s.spatial_stats = _check_statistics(read_array(z, "mu_s", p), read_array(z, "sigma_s", p), f"{p} (spatial)")
+            s.spatial_stats = check_statistics(read_array(z, "mu_s", p), read_array(z, "sigma_s", p), f"{p} (spatial)")
         if "pool" in keys:
             pool = read_array(z, "pool", p)
             if pool.ndim != 2 or pool.dtype.kind != "f" or not np.isfinite(pool).all():
@@ -130,7 +130,7 @@ def read_set(path) -> EvalSet:
 
 
 def images_set(images: np.ndarray, name: str) -> EvalSet:
-    return EvalSet(name, images=_normalise_images(np.asarray(images), name))
+    return EvalSet(name, images=normalise_images(np.asarray(images), name))
 
 
 def feature_dims(extractor: InceptionFeatureExtractor) -> dict[str, int]:
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
         device = check_device(args.device)
         samples, reference = read_set(args.samples), read_set(args.reference)
         if samples.images is not None and reference.images is not None:
-            _check_same_size(samples.images, reference.images, args.samples, args.reference)
+            check_same_size(samples.images, reference.images, args.samples, args.reference)
         if any(s.images is not None and "pool" not in s.features for s in (samples, reference)):
             extractor = load_inception(args.inception_weights, device=device,
                                        classifier_path=args.inception_classifier)

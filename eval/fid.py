@@ -58,6 +58,11 @@ __all__ = [
     "load_images",
     "load_statistics",
     "npz_name",
+    "open_npz",
+    "check_exists",
+    "check_statistics",
+    "check_same_size",
+    "normalise_images",
     "save_statistics",
     "load_source",
     "compute_statistics",
@@ -169,14 +174,14 @@ def statistics_from_features(feats) -> tuple[np.ndarray, np.ndarray]:
 # Inputs
 
 
-def _check_exists(path) -> Path:
+def check_exists(path) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such file or folder: {p}")
     return p
 
 
-def _normalise_images(arr: np.ndarray, where: str) -> np.ndarray:
+def normalise_images(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise FIDError(f"{where}: images must be uint8 (0..255), got {arr.dtype}")
     if arr.ndim == 3:  # N×H×W grayscale
@@ -199,7 +204,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def load_images(path) -> np.ndarray:
     """uint8 N×H×W×3 images from an ``.npz`` (key ``arr_0``) or a folder of image files."""
-    p = _check_exists(path)
+    p = check_exists(path)
     if p.is_dir():
         files = _image_files(p)
         if not files:
@@ -219,13 +224,13 @@ def load_images(path) -> np.ndarray:
                 )
             images.append(a)
         return np.stack(images)
-    with _open_npz(p) as z:
+    with open_npz(p) as z:
         if "arr_0" not in z.files:
             raise FIDError(f"{p}: no 'arr_0' (images) in this .npz (keys: {', '.join(z.files) or 'none'})")
-        return _normalise_images(read_array(z, "arr_0", p), str(p))
+        return normalise_images(read_array(z, "arr_0", p), str(p))
 
 
-def _open_npz(p: Path):
+def open_npz(p: Path):
     """An open NpzFile; a .npy, a truncated or a non-zip file is a one-line FIDError."""
     try:
         z = np.load(p, allow_pickle=False)
@@ -268,7 +273,7 @@ def read_array(z, key: str, p) -> np.ndarray:
         raise FIDError(f"{p}: '{key}' cannot be read; the file is damaged or truncated ({e})") from None
 
 
-def _check_statistics(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
+def check_statistics(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     for name, a in (("mu", mu), ("sigma", sigma)):
         if a.dtype.kind not in "fiu":
@@ -283,13 +288,13 @@ def _check_statistics(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an ``.npz`` with keys ``mu`` and ``sigma`` (e.g. an ADM reference batch)."""
-    p = _check_exists(path)
+    p = check_exists(path)
     if p.is_dir():
         raise FIDError(f"{p}: is a folder, not a statistics .npz")
-    with _open_npz(p) as z:
+    with open_npz(p) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise FIDError(f"{p}: no 'mu'/'sigma' statistics in this .npz (keys: {', '.join(z.files) or 'none'})")
-        return _check_statistics(read_array(z, "mu", p), read_array(z, "sigma", p), str(p))
+        return check_statistics(read_array(z, "mu", p), read_array(z, "sigma", p), str(p))
 
 
 def npz_name(path) -> str:
@@ -299,7 +304,7 @@ def npz_name(path) -> str:
 
 def save_statistics(path, mu, sigma, **extra) -> None:
     """Save ``mu``/``sigma`` (float64) to an ``.npz`` readable by :func:`load_statistics` and the ADM evaluator."""
-    mu, sigma = _check_statistics(mu, sigma, str(path))
+    mu, sigma = check_statistics(mu, sigma, str(path))
     with atomic_path(npz_name(path), suffix=".npz") as tmp:  # a cached reference is never half written
         np.savez(tmp, mu=mu, sigma=sigma, **extra)
 
@@ -310,10 +315,10 @@ def load_source(path) -> tuple[str, object]:
     A folder is images; an ``.npz`` with ``mu`` and ``sigma`` is statistics (preferred if ``arr_0`` is also there);
     an ``.npz`` with ``arr_0`` is images; anything else raises :class:`FIDError` / FileNotFoundError.
     """
-    p = _check_exists(path)
+    p = check_exists(path)
     if p.is_dir():
         return "images", load_images(p)
-    with _open_npz(p) as z:
+    with open_npz(p) as z:
         keys = set(z.files)
     if {"mu", "sigma"} <= keys:
         return "stats", load_statistics(p)
@@ -336,11 +341,11 @@ def _as_source(obj, name: str) -> tuple[str, object]:
         return load_source(obj)
     if _is_stats(obj):
         if isinstance(obj, tuple):
-            return "stats", _check_statistics(obj[0], obj[1], name)
-        return "stats", _check_statistics(obj["mu"], obj["sigma"], name)
+            return "stats", check_statistics(obj[0], obj[1], name)
+        return "stats", check_statistics(obj["mu"], obj["sigma"], name)
     if hasattr(obj, "detach"):  # torch tensor
         obj = obj.detach().cpu().numpy()
-    return "images", _normalise_images(np.asarray(obj), name)
+    return "images", normalise_images(np.asarray(obj), name)
 
 
 def _image_size(images) -> tuple[int, int]:
@@ -351,7 +356,7 @@ def _fmt_size(hw: tuple[int, int]) -> str:
     return f"{hw[1]}x{hw[0]}"
 
 
-def _check_same_size(a, b, name_a: str = "A", name_b: str = "B") -> None:
+def check_same_size(a, b, name_a: str = "A", name_b: str = "B") -> None:
     if _image_size(a) != _image_size(b):
         raise FIDError(
             f"image sizes differ: {name_a} is {_fmt_size(_image_size(a))} but {name_b} is {_fmt_size(_image_size(b))} "
@@ -367,7 +372,7 @@ def _check_count(images, name: str) -> None:
 def _check_pair(kind_a, a, name_a: str, kind_b, b, name_b: str) -> None:
     """Both inputs usable, checked before any Inception work: same image size, at least 2 images each."""
     if kind_a == "images" and kind_b == "images":
-        _check_same_size(a, b, name_a, name_b)
+        check_same_size(a, b, name_a, name_b)
     for kind, payload, name in ((kind_a, a, name_a), (kind_b, b, name_b)):
         if kind == "images":
             _check_count(payload, name)

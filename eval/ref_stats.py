@@ -28,7 +28,7 @@ import data.hf
 from atomic import interruptible
 from cli import Parser, ref_images_argument
 from eval.evaluate import featurize, images_set, save_reference
-from eval.fid import FIDError, _open_npz
+from eval.fid import FIDError, open_npz
 from eval.inception import InceptionWeightsError, load_inception, resolve_device
 from logs import format_duration
 
@@ -107,7 +107,7 @@ def reference_statistics(data_path: str, out: str, *, image_size: int | None = N
 
 def _is_complete(path: str) -> bool:
     try:
-        with _open_npz(path) as z:
+        with open_npz(path) as z:
             return {"mu", "sigma", "pool"} <= set(z.files)
     except FIDError:
         return False
