@@ -3,16 +3,14 @@ import importlib.util
 import json
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data as D  # noqa: E402
+import data as D
 
 HAS_MNIST = importlib.util.find_spec("mnist") is not None
 

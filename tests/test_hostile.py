@@ -23,7 +23,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 MODEL = "DiT-XS/8"
 FAST = ["--model", MODEL, "--batch-size", "4", "--num-workers", "0", "--lr", "1e-3", "--log-every", "1"]

@@ -1,17 +1,15 @@
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data as D  # noqa: E402
-import prepare_latents  # noqa: E402
-from helpers import save_tiny_vae  # noqa: E402
+import data as D
+import prepare_latents
+from helpers import save_tiny_vae
 
 BLOCKS = (8, 16)
 

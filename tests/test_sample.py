@@ -21,17 +21,16 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import ema
+import eval.evaluate as evaluate_mod
+import eval.sample_fid as sample_fid
+import phema
+import runs
+import sample
+import train
+from eval.fid import fid_from_images, save_statistics
 
-import ema  # noqa: E402
-import eval.evaluate as evaluate_mod  # noqa: E402
-import eval.sample_fid as sample_fid  # noqa: E402
-import phema  # noqa: E402
-import runs  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from eval.fid import fid_from_images, save_statistics  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 NUM_STEPS, CKPT_EVERY, SNAP_EVERY = 8, 4, 2  # ~1.5-3 s per step on a loaded 2-core CPU

@@ -20,17 +20,16 @@ import types
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import logs
+import runs
+import train
+from helpers import only_run
+import training
+from models import build_model
+from config import TrainConfig
+from mp_layers import MPConfig
 
-import logs  # noqa: E402
-import runs  # noqa: E402
-import train  # noqa: E402
-from helpers import only_run  # noqa: E402
-import training  # noqa: E402
-from models import build_model  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from mp_layers import MPConfig  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = "DiT-XS/8"
 # A tiny, fast run: no EMA snapshot / magnitude record except where a test asks for one.
