@@ -281,6 +281,7 @@ def train(argv=None) -> str:
                                           world_size, device, reference_seconds)
         magnitudes = training.MagnitudeRecorder(cfg.magnitude_every, state.step, cfg.num_steps, device, run.log)
         state.model.train()
+        stopping = False
         with (training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step),
               run.tracking(cfg, state.step if resume else 0)):
             while state.step < cfg.num_steps:
@@ -309,8 +310,12 @@ def train(argv=None) -> str:
                     break
         if stop.signal is not None:
             name = signal.Signals(stop.signal).name if isinstance(stop.signal, int) else "a signal to another rank"
-            run.log(f"interrupted by {name} at step {state.step}; the checkpoint is saved: continue with "
-                    f"--resume {run.path}")
+            if state.step < cfg.num_steps:
+                then = f"continue with --resume {run.path}"
+            else:  # stopped at the last step: nothing is left to resume
+                then = "the run is complete" + (" (its last FID during training was skipped)"
+                                                if stopping and fid.due(state.step, True) else "")
+            run.log(f"interrupted by {name} at step {state.step}; the checkpoint is saved: {then}")
             raise Interrupted(128 + (stop.signal if isinstance(stop.signal, int) else signal.SIGTERM))
         try:  # the run is complete: a signal now only cuts the last plot short
             run.plot("magnitudes")

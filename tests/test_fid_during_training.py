@@ -10,6 +10,7 @@ sqrtm takes ~20 s per FID of 2048-d features on a small CPU.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 
 import eval.sample_fid as sample_fid
 import train
+import training
 from logs import append_jsonl, read_jsonl
 from runs import list_checkpoints, read_checkpoint
 from helpers import only_run
@@ -96,6 +98,22 @@ def test_resume_keeps_the_curve_and_drops_records_after_the_checkpoint(tmp_path,
     append_jsonl(log, {"step": 3, "fid": 1.0})  # written after checkpoint 2 by a run that was then killed
     assert train.main(["--resume", run, "--num-steps", "6", "--eval-every", "4"]) == 0
     assert [r["step"] for r in read_jsonl(log)] == [2, 4, 6]
+
+
+def test_a_signal_at_the_last_step_skips_its_fid_and_says_so(tmp_path, reference, cheap_fid, capsys, monkeypatch):
+    step_once = training.training_step
+
+    def signalled_at_step_4(*args, step, **kwargs):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice: stop soon, not after an evaluation
+        return step_once(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", signalled_at_step_4)
+    assert train.main(fast_run(tmp_path / "results", reference, "--num-steps", "4")) == 128 + signal.SIGTERM
+    assert ("interrupted by SIGTERM at step 4; the checkpoint is saved: the run is complete (its last FID during "
+            "training was skipped)") in capsys.readouterr().out
+    run = only_run(tmp_path / "results")
+    assert [r["step"] for r in read_jsonl(os.path.join(run, "fid_during_training.jsonl"))] == [2]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -378,6 +378,23 @@ def test_signal_saves_checkpoint_and_resume_continues(tmp_path, sig):
         assert steps == list(range(1, stopped + 3))
 
 
+def test_a_signal_at_the_last_step_says_the_run_is_complete_not_to_resume(tmp_path, capsys, monkeypatch):
+    step_once = training.training_step
+
+    def signalled_at_step_2(*args, step, **kwargs):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # StopSignal records it; the step goes on
+        return step_once(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", signalled_at_step_2)
+    results = tmp_path / "results"
+    assert train.main([*FAST, "--num-steps", "2", "--results-dir", str(results)]) == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert "interrupted by SIGTERM at step 2; the checkpoint is saved: the run is complete" in out
+    assert "--resume" not in out and "done:" not in out
+    assert checkpoint_steps(only_run(results)) == [2]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. bad input: one "error:" line, non-zero exit, no new run folder, existing runs untouched
 
