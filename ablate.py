@@ -41,8 +41,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import cache
@@ -53,7 +55,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import data  # noqa: E402
-from atomic import atomic_write_text  # noqa: E402
+from atomic import Interrupted, atomic_write_text, signal_name, signals_interrupt  # noqa: E402
 from cli import Parser  # noqa: E402
 from diffusion.sampling import SAMPLERS  # noqa: E402
 from eval import inception, sample_fid  # noqa: E402
@@ -257,17 +259,72 @@ def threads_per_job(args) -> int:
     return args.threads or max(1, cpu_cores() // min(args.jobs, args.num_runs or args.jobs))
 
 
+class Stopped(Exception):
+    """The ablation was asked to stop (StopOnSignal): this step did not start, or its tool stopped early."""
+
+
+class StopOnSignal:
+    """Within the block, Ctrl-C or SIGTERM stops the ablation the way train.py stops a run: no step starts
+    after it, the running tools stop as they do on that signal (train.py after saving a checkpoint), and the
+    same command later goes on from there (finished runs reused, stopped ones resumed). The tools share
+    ablate.py's process group, so a Ctrl-C or a `timeout` reaches them directly; a tool still running
+    FORWARD_AFTER seconds later (the signal was sent to ablate.py alone) gets it from here."""
+
+    FORWARD_AFTER = 5.0
+
+    def __init__(self):
+        self.signum, self._lock, self._running = None, threading.Lock(), set()
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            timer = threading.Timer(self.FORWARD_AFTER, self._forward)
+            timer.daemon = True  # (ablate.py may end before it fires)
+            timer.start()
+
+    def _forward(self):
+        with self._lock:
+            for proc in self._running:
+                if proc.poll() is None:
+                    proc.send_signal(self.signum)
+
+    def run(self, cmd: list[str], **popen_kwargs) -> None:
+        """subprocess.run(cmd, check=True) unless a stop was asked for: then Stopped."""
+        with self._lock:
+            if self.signum is not None:
+                raise Stopped(cmd)
+            proc = subprocess.Popen(cmd, **popen_kwargs)
+            self._running.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        if code and self.signum is not None:
+            raise Stopped(cmd)
+        if code:
+            raise subprocess.CalledProcessError(code, cmd)
+
+
 def call(args, job: Job, script: str, script_args: list[str]) -> None:
     """Runs a step of the ablation with the job's share of the cores; with --jobs > 1 its output goes to
     RESULTS/ablate.log, not the terminal."""
     cmd = command(args, script, script_args)
     env = {**os.environ, **{var: str(threads_per_job(args)) for var in THREAD_VARS}}
     if args.jobs == 1:
-        subprocess.run(cmd, check=True, cwd=REPO, env=env)
+        args.stop.run(cmd, cwd=REPO, env=env)
         return
     os.makedirs(job.results_dir, exist_ok=True)
     with open(os.path.join(job.results_dir, "ablate.log"), "a") as log:
-        subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        args.stop.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def eval_args(args, job: Job) -> list[str]:
@@ -844,6 +901,7 @@ def session_records(path: str) -> tuple[list[dict], str | None]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.stop = StopOnSignal()  # the tools ablate.py runs stop when it is asked to stop
     args.out_dir = os.path.abspath(args.out_dir)  # train.py and sample_fid.py run in the repository folder
     if args.ref not in ("auto", "none"):
         args.ref = os.path.abspath(args.ref)
@@ -884,15 +942,28 @@ def main(argv=None) -> int:
         os.makedirs(args.out_dir, exist_ok=True)
         stages = Stages(args.out_dir)
         stages.add("install check", time.perf_counter() - start)
-        with stages.timed("reference"):
-            args.ref = resolve_reference(args)
+        try:
+            with signals_interrupt(), stages.timed("reference"):  # in this process: a signal ends it at once
+                args.ref = resolve_reference(args)
+        except Interrupted as e:
+            print(e.message("no run started"), file=sys.stderr)
+            return e.code
         print(f"[ablate] {len(jobs)} runs ({args.jobs} at a time, {threads_per_job(args)} CPU threads each): "
               f"{budget_text(args)}", flush=True)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        with args.stop, ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for done in as_completed([pool.submit(do_job, args, job, stages) for job in jobs]):
-                done.result()
+                with contextlib.suppress(Stopped):
+                    done.result()
                 with stages.timed("report"):  # a partial report after each run, the rest marked missing
                     report_from_disk(args, jobs, show=False)
+        if args.stop.signum is not None:
+            runs = report_from_disk(args, jobs, show=False)
+            finished = sum(r["fid"] is not None for r in runs)
+            name = "Ctrl-C" if args.stop.signum == signal.SIGINT else signal_name(args.stop.signum)
+            print(f"error: interrupted ({name}): {finished} of {len(jobs)} runs finished, the others stopped at a "
+                  f"checkpoint or did not start; {os.path.join(args.out_dir, 'ablation.md')} reports what finished; "
+                  f"run the same command again to go on", file=sys.stderr)
+            return 128 + args.stop.signum
         report_from_disk(args, jobs)
         wall = time.perf_counter() - stages.start
         records, _ = session_records(stages.path)

@@ -8,11 +8,14 @@ run, and the Fréchet distance by eigh (the default; MAPDIT_FID_METHOD=eigh says
 says otherwise). Each FID still costs seconds (the 2048x2048 eigendecompositions), so one ablation, run once for this
 module, serves most tests.
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -250,6 +253,45 @@ def test_the_report_of_a_cut_short_ablation_keeps_every_finished_number_and_mark
     fid = read_jsonl(os.path.join(cut, "fid_during_training.jsonl"))[-1]["fid"]
     assert f"| rung1-mplr0.001-lr0.0003-seed0 | — | {fid:.2f} |" in table  # its FID during training is kept
     assert "| FID during training | 5 |" in p.stdout  # the seconds of every run's FIDs, read from the runs' logs
+
+
+def snapshots_in(results_dir) -> list[str]:
+    run = ablate.find_run(str(results_dir))
+    return os.listdir(os.path.join(run, "ema")) if run and os.path.isdir(os.path.join(run, "ema")) else []
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C to the terminal's process group", "SIGTERM to ablate.py alone"])
+def test_a_signal_stops_the_ablation_its_run_saves_a_checkpoint_and_no_other_run_starts(tmp_path, reference, how):
+    out = tmp_path / "abl"
+    cmd = [sys.executable, "ablate.py", "--out-dir", str(out), *TINY, "--num-steps", "100000", "--eval-every",
+           "100000", "--rungs", "0", "--lrs", "0=1e-4", "--seeds", "2", "--fid-samples", "0", "--ref", reference]
+    with open(tmp_path / "out.txt", "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr, start_new_session=True)
+    first = out / "runs" / "rung0-lr0.0001-seed0"
+    try:
+        deadline = time.monotonic() + 240
+        while not snapshots_in(first):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()
+            time.sleep(0.2)  # (a snapshot every step: the run is in its training loop)
+        if how.startswith("Ctrl-C"):
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # ablate.py passes it on to the train.py it runs
+        code = proc.wait(timeout=120)
+    finally:  # whatever is left of the group (a train.py that outlived ablate.py, in a failure)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    signum = signal.SIGINT if how.startswith("Ctrl-C") else signal.SIGTERM
+    err = (tmp_path / "err.txt").read_text()
+    assert code == 128 + signum, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"error: interrupted ({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}): 0 of 2 runs finished")
+    assert os.listdir(out / "runs") == ["rung0-lr0.0001-seed0"]  # the second seed never started
+    (stopped,) = [s for s, _ in ablate.list_checkpoints(ablate.find_run(str(first)))]
+    assert 1 <= stopped < 100000
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["missing"] == [{"run": "rung0-lr0.0001-seed0", "missing": f"training stopped at step {stopped} of 100000"},
+                                 {"run": "rung0-lr0.0001-seed1", "missing": "not started"}]
 
 
 def test_presets_are_defaults_that_flags_override():
