@@ -294,6 +294,22 @@ def test_a_signal_stops_the_ablation_its_run_saves_a_checkpoint_and_no_other_run
                                  {"run": "rung0-lr0.0001-seed1", "missing": "not started"}]
 
 
+def test_a_signal_while_the_reference_is_computed_ends_ablate_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("the signal did not interrupt")
+
+    monkeypatch.setattr(ablate, "check_install", lambda args: None)
+    monkeypatch.setattr(ablate, "resolve_reference", interrupted)
+    out = tmp_path / "abl"
+    assert ablate.main(["--out-dir", str(out), *TINY, "--rungs", "0", "--lrs", "0=1e-4"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "error: interrupted (SIGTERM); no run started\n"
+    assert [(r["stage"], r["ok"]) for r in read_jsonl(str(out / "stages.jsonl"))] == [("install check", True),
+                                                                                       ("reference", False)]
+    assert not (out / "runs").exists()
+
+
 def test_presets_are_defaults_that_flags_override():
     args = ablate.parse_args(["--preset", "gpu-mnist", "--num-steps", "7"])
     assert (args.data_path, args.model, args.batch_size, args.num_steps, args.seeds) == ("mnist", "DiT-XS/2", 256, 7, 2)
