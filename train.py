@@ -281,7 +281,6 @@ def train(argv=None) -> str:
                                           world_size, device, reference_seconds)
         magnitudes = training.MagnitudeRecorder(cfg.magnitude_every, state.step, cfg.num_steps, device, run.log)
         state.model.train()
-        stopping = False
         with (training.StopSignal(world_size, device) as stop, run.disk_full_is_an_error(lambda: state.step),
               run.tracking(cfg, state.step if resume else 0)):
             while state.step < cfg.num_steps:
@@ -304,24 +303,23 @@ def train(argv=None) -> str:
                 if step % cfg.ckpt_every == 0 or last or stopping:
                     meter.check_finite(run.last_checkpoint)
                     run.save_checkpoint({**state.state_dict(device), "args": cfg.to_dict()}, cfg.keep_checkpoints)
-                if fid.due(step, last) and not stopping:
-                    fid.evaluate(state, step, run, meter)
+                if fid.due(step, last) and (last or not stopping):  # (the last one, the run's result, even
+                    fid.evaluate(state, step, run, meter)              # when stopping: its checkpoint is saved)
                 if stopping:
                     break
-        if stop.signal is not None:
-            name = signal.Signals(stop.signal).name if isinstance(stop.signal, int) else "a signal to another rank"
-            if state.step < cfg.num_steps:
-                then = f"continue with --resume {run.path}"
-            else:  # stopped at the last step: nothing is left to resume
-                then = "the run is complete" + (" (its last FID during training was skipped)"
-                                                if stopping and fid.due(state.step, True) else "")
-            run.log(f"interrupted by {name} at step {state.step}; the checkpoint is saved: {then}")
-            raise Interrupted(128 + (stop.signal if isinstance(stop.signal, int) else signal.SIGTERM))
-        try:  # the run is complete: a signal now only cuts the last plot short
+
+        def then(step):  # what the log says to do once the loop has saved the checkpoint of `step`
+            return "the run is complete" if step >= cfg.num_steps else f"continue with --resume {run.path}"
+
+        try:  # the loop saved its last checkpoint: a signal from here on only cuts the ending short
+            if stop.signal is not None:
+                name = signal.Signals(stop.signal).name if isinstance(stop.signal, int) else "a signal to another rank"
+                run.log(f"interrupted by {name} at step {state.step}; the checkpoint is saved: {then(state.step)}")
+                raise Interrupted(128 + (stop.signal if isinstance(stop.signal, int) else signal.SIGTERM))
             run.plot("magnitudes")
         except StartupInterrupted as e:
-            run.log(f"interrupted ({e.name}) while drawing magnitudes.png: the run is complete at step {state.step} "
-                    f"and its checkpoint is saved; python plots.py {run.path} draws it")
+            run.log(f"interrupted ({e.name}) after the checkpoint of step {state.step} was saved: {then(state.step)} "
+                    f"(python plots.py {run.path} draws magnitudes.png)")
             raise Interrupted(e.code) from None
         run.log(f"done: {run.path}")
     if world_size > 1:

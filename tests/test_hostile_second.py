@@ -718,8 +718,8 @@ def test_a_signal_while_train_draws_its_last_plot_says_the_run_is_complete(tmp_p
     code, out, err = run_main("train", [*FAST, "--num-steps", "2", "--results-dir", str(results)], capsys)
     assert code == 143 and "Traceback" not in err and "start-up" not in out + err, out + err
     (run_dir,) = results.iterdir()
-    assert (f"interrupted (SIGTERM) while drawing magnitudes.png: the run is complete at step 2 and its checkpoint "
-            f"is saved; python plots.py {run_dir} draws it") in out
+    assert (f"interrupted (SIGTERM) after the checkpoint of step 2 was saved: the run is complete (python plots.py "
+            f"{run_dir} draws magnitudes.png)") in out
     assert os.listdir(run_dir / "checkpoints") == ["0000002.pt"] and not (run_dir / "magnitudes.png").exists()
 
 
