@@ -268,7 +268,8 @@ class StopOnSignal:
     after it, the running tools stop as they do on that signal (train.py after saving a checkpoint), and the
     same command later goes on from there (finished runs reused, stopped ones resumed). The tools share
     ablate.py's process group, so a Ctrl-C or a `timeout` reaches them directly; a tool still running
-    FORWARD_AFTER seconds later (the signal was sent to ablate.py alone) gets it from here."""
+    FORWARD_AFTER seconds later (the signal was sent to ablate.py alone) gets it from here. A second signal
+    kills the running tools at once (their runs resume from their last checkpoint)."""
 
     FORWARD_AFTER = 5.0
 
@@ -284,17 +285,19 @@ class StopOnSignal:
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            timer = threading.Timer(self.FORWARD_AFTER, self._forward)
-            timer.daemon = True  # (ablate.py may end before it fires)
-            timer.start()
+        if self.signum is not None:  # the second: no more waiting (e.g. for an FID during training to end)
+            self._forward(signal.SIGKILL)
+            return
+        self.signum = signum
+        timer = threading.Timer(self.FORWARD_AFTER, self._forward, (signum,))
+        timer.daemon = True  # (ablate.py may end before it fires)
+        timer.start()
 
-    def _forward(self):
+    def _forward(self, signum):
         with self._lock:
             for proc in self._running:
                 if proc.poll() is None:
-                    proc.send_signal(self.signum)
+                    proc.send_signal(signum)
 
     def run(self, cmd: list[str], **popen_kwargs) -> None:
         """subprocess.run(cmd, check=True) unless a stop was asked for: then Stopped."""
@@ -393,6 +396,8 @@ def fid_of(args, job: Job, run: str, stages: "Stages") -> float:
 
 def do_job(args, job: Job, stages: "Stages") -> None:
     """Trains the job's run and scores it; both land on disk (collect() reads them back)."""
+    if args.stop.signum is not None:  # a queued job after a stop: not even a stage record
+        raise Stopped(job.name)
     start = time.perf_counter()
     before = find_run(job.results_dir)
     steps_before = max([s for s, _ in list_checkpoints(before)], default=0) if before else 0
@@ -956,13 +961,13 @@ def main(argv=None) -> int:
                     done.result()
                 with stages.timed("report"):  # a partial report after each run, the rest marked missing
                     report_from_disk(args, jobs, show=False)
-        if args.stop.signum is not None:
-            runs = report_from_disk(args, jobs, show=False)
-            finished = sum(r["fid"] is not None for r in runs)
+        finished = sum(r is not None and r["fid"] is not None for r in (collect(args, job) for job in jobs))
+        if args.stop.signum is not None and finished < len(jobs):  # (a signal after the last FID changes nothing)
+            report_from_disk(args, jobs, show=False)
             name = "Ctrl-C" if args.stop.signum == signal.SIGINT else signal_name(args.stop.signum)
-            print(f"error: interrupted ({name}): {finished} of {len(jobs)} runs finished, the others stopped at a "
-                  f"checkpoint or did not start; {os.path.join(args.out_dir, 'ablation.md')} reports what finished; "
-                  f"run the same command again to go on", file=sys.stderr)
+            print(f"error: interrupted ({name}): {finished} of {len(jobs)} runs finished, the others stopped at "
+                  f"their last checkpoint or did not start; {os.path.join(args.out_dir, 'ablation.md')} reports "
+                  f"what finished; run the same command again to go on", file=sys.stderr)
             return 128 + args.stop.signum
         report_from_disk(args, jobs)
         wall = time.perf_counter() - stages.start

@@ -260,38 +260,62 @@ def snapshots_in(results_dir) -> list[str]:
     return os.listdir(os.path.join(run, "ema")) if run and os.path.isdir(os.path.join(run, "ema")) else []
 
 
-@pytest.mark.parametrize("how", ["Ctrl-C to the terminal's process group", "SIGTERM to ablate.py alone"])
-def test_a_signal_stops_the_ablation_its_run_saves_a_checkpoint_and_no_other_run_starts(tmp_path, reference, how):
+@contextlib.contextmanager
+def ablation_in_training(tmp_path, reference):
+    """ablate.py in its own process group on two seeds of 100,000 steps each, once the first seed's train.py
+    is in its training loop; whatever is left of the group is killed at the end."""
     out = tmp_path / "abl"
     cmd = [sys.executable, "ablate.py", "--out-dir", str(out), *TINY, "--num-steps", "100000", "--eval-every",
            "100000", "--rungs", "0", "--lrs", "0=1e-4", "--seeds", "2", "--fid-samples", "0", "--ref", reference]
     with open(tmp_path / "out.txt", "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr, start_new_session=True)
-    first = out / "runs" / "rung0-lr0.0001-seed0"
     try:
         deadline = time.monotonic() + 240
-        while not snapshots_in(first):
+        while not snapshots_in(out / "runs" / "rung0-lr0.0001-seed0"):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()
             time.sleep(0.2)  # (a snapshot every step: the run is in its training loop)
-        if how.startswith("Ctrl-C"):
+        yield proc, out
+    finally:  # (a train.py that outlived ablate.py, in a failure)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C to the terminal's process group", "SIGTERM to ablate.py alone"])
+def test_a_signal_stops_the_ablation_its_run_saves_a_checkpoint_and_no_other_run_starts(tmp_path, reference, how):
+    signum = signal.SIGINT if how.startswith("Ctrl-C") else signal.SIGTERM
+    with ablation_in_training(tmp_path, reference) as (proc, out):
+        if signum == signal.SIGINT:
             os.killpg(proc.pid, signal.SIGINT)
         else:
             os.kill(proc.pid, signal.SIGTERM)  # ablate.py passes it on to the train.py it runs
         code = proc.wait(timeout=120)
-    finally:  # whatever is left of the group (a train.py that outlived ablate.py, in a failure)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    signum = signal.SIGINT if how.startswith("Ctrl-C") else signal.SIGTERM
     err = (tmp_path / "err.txt").read_text()
     assert code == 128 + signum, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         f"error: interrupted ({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}): 0 of 2 runs finished")
     assert os.listdir(out / "runs") == ["rung0-lr0.0001-seed0"]  # the second seed never started
-    (stopped,) = [s for s, _ in ablate.list_checkpoints(ablate.find_run(str(first)))]
+    assert [r["run"] for r in read_jsonl(str(out / "stages.jsonl")) if r["stage"] == "training"] == [
+        "rung0-lr0.0001-seed0"]
+    (stopped,) = [s for s, _ in ablate.list_checkpoints(ablate.find_run(str(out / "runs" / "rung0-lr0.0001-seed0")))]
     assert 1 <= stopped < 100000
     report = json.loads((out / "ablation.json").read_text())
     assert report["missing"] == [{"run": "rung0-lr0.0001-seed0", "missing": f"training stopped at step {stopped} of 100000"},
                                  {"run": "rung0-lr0.0001-seed1", "missing": "not started"}]
+
+
+def test_a_second_signal_kills_the_running_tools_at_once(tmp_path, reference):
+    with ablation_in_training(tmp_path, reference) as (proc, out):
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)  # before the first is passed on: train.py never sees a SIGTERM
+        code = proc.wait(timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # nothing left of the group: train.py is gone too
+            os.killpg(proc.pid, 0)
+    assert code == 128 + signal.SIGTERM
+    run = ablate.find_run(str(out / "runs" / "rung0-lr0.0001-seed0"))
+    assert ablate.list_checkpoints(run) == []  # killed, not stopped: no checkpoint of the step it was at
+    assert "interrupted by" not in open(os.path.join(run, "log.txt")).read()
 
 
 def test_a_signal_while_the_reference_is_computed_ends_ablate_at_once_with_one_line(tmp_path, capsys, monkeypatch):
