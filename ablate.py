@@ -55,7 +55,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import data  # noqa: E402
-from atomic import Interrupted, atomic_write_text, signal_name, signals_interrupt  # noqa: E402
+from atomic import CatchSignals, Interrupted, atomic_write_text, signal_name, signals_interrupt  # noqa: E402
 from cli import Parser  # noqa: E402
 from diffusion.sampling import SAMPLERS  # noqa: E402
 from eval import inception, sample_fid  # noqa: E402
@@ -263,7 +263,7 @@ class Stopped(Exception):
     """The ablation was asked to stop (StopOnSignal): this step did not start, or its tool stopped early."""
 
 
-class StopOnSignal:
+class StopOnSignal(CatchSignals):
     """Within the block, Ctrl-C or SIGTERM stops the ablation the way train.py stops a run: no step starts
     after it, the running tools stop as they do on that signal (train.py after saving a checkpoint), and the
     same command later goes on from there (finished runs reused, stopped ones resumed). The tools share
@@ -276,15 +276,7 @@ class StopOnSignal:
     def __init__(self):
         self.signum, self._lock, self._running = None, threading.Lock(), set()
 
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def _handle(self, signum, frame):
+    def caught(self, signum: int) -> None:
         if self.signum is not None:  # the second: no more waiting (e.g. for an FID during training to end)
             self._forward(signal.SIGKILL)
             return
@@ -299,11 +291,15 @@ class StopOnSignal:
                 if proc.poll() is None:
                     proc.send_signal(signum)
 
+    def check(self, what) -> None:
+        """Stopped if a stop was asked for: `what` (a job, a command) must not start."""
+        if self.signum is not None:
+            raise Stopped(what)
+
     def run(self, cmd: list[str], **popen_kwargs) -> None:
         """subprocess.run(cmd, check=True) unless a stop was asked for: then Stopped."""
         with self._lock:
-            if self.signum is not None:
-                raise Stopped(cmd)
+            self.check(cmd)
             proc = subprocess.Popen(cmd, **popen_kwargs)
             self._running.add(proc)
         try:
@@ -396,8 +392,7 @@ def fid_of(args, job: Job, run: str, stages: "Stages") -> float:
 
 def do_job(args, job: Job, stages: "Stages") -> None:
     """Trains the job's run and scores it; both land on disk (collect() reads them back)."""
-    if args.stop.signum is not None:  # a queued job after a stop: not even a stage record
-        raise Stopped(job.name)
+    args.stop.check(job.name)  # a queued job after a stop: not even a stage record
     start = time.perf_counter()
     before = find_run(job.results_dir)
     steps_before = max([s for s, _ in list_checkpoints(before)], default=0) if before else 0
@@ -955,17 +950,16 @@ def main(argv=None) -> int:
             return e.code
         print(f"[ablate] {len(jobs)} runs ({args.jobs} at a time, {threads_per_job(args)} CPU threads each): "
               f"{budget_text(args)}", flush=True)
+        runs = []
         with args.stop, ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for done in as_completed([pool.submit(do_job, args, job, stages) for job in jobs]):
                 with contextlib.suppress(Stopped):
                     done.result()
                 with stages.timed("report"):  # a partial report after each run, the rest marked missing
-                    report_from_disk(args, jobs, show=False)
-        finished = sum(r is not None and r["fid"] is not None for r in (collect(args, job) for job in jobs))
+                    runs = report_from_disk(args, jobs, show=False)
+        finished = sum(r["fid"] is not None for r in runs)  # (the last report came after every job ended)
         if args.stop.signum is not None and finished < len(jobs):  # (a signal after the last FID changes nothing)
-            report_from_disk(args, jobs, show=False)
-            name = "Ctrl-C" if args.stop.signum == signal.SIGINT else signal_name(args.stop.signum)
-            print(f"error: interrupted ({name}): {finished} of {len(jobs)} runs finished, the others stopped at "
+            print(f"error: interrupted ({signal_name(args.stop.signum)}): {finished} of {len(jobs)} runs finished, the others stopped at "
                   f"their last checkpoint or did not start; {os.path.join(args.out_dir, 'ablation.md')} reports "
                   f"what finished; run the same command again to go on", file=sys.stderr)
             return 128 + args.stop.signum

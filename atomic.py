@@ -233,14 +233,38 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.signum = signum
         self.code = 128 + signum
-        self.name = "Ctrl-C" if signum == 2 else signal_name(signum)
+        self.name = signal_name(signum)
 
     def message(self, tool_said: str = "nothing was written") -> str:
         return f"error: interrupted ({self.name}); {tool_said}"
 
 
 def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
+    """How an error line names the signal: Ctrl-C for SIGINT (what the user pressed), else SIGTERM etc."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class CatchSignals:
+    """Within the block SIGINT and SIGTERM call self.caught(signum) (main thread only), and the previous
+    handlers come back after it. Subclasses say what a signal does: raise Interrupted here, stop at the end of
+    a step (training.StopSignal), start nothing more (ablate.StopOnSignal)."""
+
+    def caught(self, signum: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, lambda signum, frame: self.caught(signum))
+                     for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class RaiseInterrupted(CatchSignals):
+    def caught(self, signum: int) -> None:
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager
@@ -249,16 +273,8 @@ def signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with RaiseInterrupted():
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def remove_stale_temporaries_of(paths) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
 import runs
+from atomic import CatchSignals
 from config import TrainConfig
 from phema import PowerEMA
 from fast_paths import apply_fast_paths
@@ -370,22 +370,14 @@ def _checkpointed(forward):
     return run
 
 
-class StopSignal:
+class StopSignal(CatchSignals):
     """Within the block, SIGTERM and Ctrl-C ask training to stop at the end of a step (it then saves a
     checkpoint) instead of killing it."""
 
     def __init__(self, world_size: int, device: torch.device):
         self.world_size, self.device, self.signal = world_size, device, None
 
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def _handle(self, signum, frame):
+    def caught(self, signum: int) -> None:
         self.signal = signum
 
     def requested(self, step: int) -> bool:
